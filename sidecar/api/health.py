@@ -1,0 +1,34 @@
+"""Liveness and readiness, for systemd, load balancers and orchestrators."""
+
+from __future__ import annotations
+
+import orjson
+from aiohttp import web
+
+from sidecar.api.http import JSON
+from sidecar.keys import READINESS
+
+routes = web.RouteTableDef()
+
+_ALIVE = orjson.dumps({"status": "ok"})
+
+
+@routes.get("/healthz")
+async def healthz(request: web.Request) -> web.Response:
+    """The process is up and its event loop answers."""
+    return web.Response(body=_ALIVE, content_type=JSON)
+
+
+@routes.get("/readyz")
+async def readyz(request: web.Request) -> web.Response:
+    """Every part has started and the server is not draining."""
+    readiness = request.app[READINESS]
+    if readiness.ready:
+        return web.Response(body=orjson.dumps({"status": "ready"}), content_type=JSON)
+    reason = "draining" if readiness.draining else "starting"
+    return web.Response(
+        body=orjson.dumps({"status": "not_ready", "reason": reason}),
+        status=503,
+        content_type=JSON,
+        headers={"Retry-After": "1"},
+    )

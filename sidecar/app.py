@@ -1,0 +1,84 @@
+"""The application factory: parts are built in cleanup contexts, in order, and torn down in
+reverse; nothing lives at module level."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
+
+import aiohttp
+from aiohttp import web
+
+from sidecar.api import health, openai
+from sidecar.api.middleware import make_edge
+from sidecar.backends.base import Backend
+from sidecar.backends.upstream_openai import OpenAIUpstream
+from sidecar.config import Settings
+from sidecar.gateway import Gateway, Readiness
+from sidecar.keys import GATEWAY, READINESS, SETTINGS
+from sidecar.routing.table import RouteTable
+
+
+def create_app(settings: Settings) -> web.Application:
+    app = web.Application(
+        middlewares=[make_edge(settings.logging.requests)],
+        client_max_size=settings.server.max_body_bytes,
+        handler_args={"max_field_size": 16 * 1024},
+    )
+    app[SETTINGS] = settings
+    app[READINESS] = Readiness()
+    app.cleanup_ctx.append(_upstreams)
+    app.on_startup.append(_mark_started)
+    app.on_shutdown.append(_mark_draining)
+    app.add_routes(openai.routes)
+    app.add_routes(health.routes)
+    return app
+
+
+async def _upstreams(app: web.Application) -> AsyncIterator[None]:
+    """One pooled keep-alive client session per upstream origin, shared by its providers."""
+    settings = app[SETTINGS]
+    sessions: dict[str, aiohttp.ClientSession] = {}
+    backends: dict[str, Backend] = {}
+    try:
+        for name, provider in settings.providers.items():
+            url = urlsplit(provider.base_url)
+            origin = f"{url.scheme}://{url.netloc}"
+            session = sessions.get(origin)
+            if session is None:
+                connector = aiohttp.TCPConnector(
+                    limit=provider.max_connections,
+                    limit_per_host=0,
+                    ttl_dns_cache=60,
+                    enable_cleanup_closed=True,
+                )
+                # Requests are sent as the client wrote them; the sidecar adds no cookies.
+                session = aiohttp.ClientSession(
+                    connector=connector,
+                    cookie_jar=aiohttp.DummyCookieJar(),
+                    auto_decompress=True,
+                    skip_auto_headers=("User-Agent",),
+                )
+                sessions[origin] = session
+            backends[name] = OpenAIUpstream(
+                name,
+                provider,
+                settings.api_keys.get(name),
+                session,
+                settings.server.heartbeat_s,
+            )
+        app[GATEWAY] = Gateway(RouteTable.from_settings(settings), backends)
+        yield
+    finally:
+        for backend in backends.values():
+            await backend.close()
+        for session in sessions.values():
+            await session.close()
+
+
+async def _mark_started(app: web.Application) -> None:
+    app[READINESS].started = True
+
+
+async def _mark_draining(app: web.Application) -> None:
+    app[READINESS].draining = True

@@ -1,0 +1,1 @@
+"""Where answers come from: upstream providers and local engines, behind one interface."""

@@ -1,0 +1,21 @@
+"""The typed keys under which the application keeps its parts."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from sidecar.gateway import Gateway, Readiness
+
+from sidecar.config import Settings
+
+SETTINGS = web.AppKey("settings", Settings)
+GATEWAY: web.AppKey[Gateway] = web.AppKey("gateway")
+READINESS: web.AppKey[Readiness] = web.AppKey("readiness")
+
+# Per-request values set by the edge middleware.
+REQUEST_ID = "sidecar.request_id"
+TIMING = "sidecar.timing"
+LOG_FIELDS = "sidecar.log"

@@ -1,0 +1,1 @@
+"""Timing, logging and metrics."""

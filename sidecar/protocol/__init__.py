@@ -1,0 +1,1 @@
+"""Wire types and framing of the APIs we speak. Pure: no I/O."""

@@ -1,0 +1,1 @@
+"""Which target serves a request for a public model name."""

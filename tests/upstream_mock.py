@@ -1,0 +1,304 @@
+"""A fake OpenAI-compatible upstream: a real aiohttp server on loopback, in its own thread,
+speaking the OpenAI wire format (JSON, SSE, error bodies) and misbehaving on request.
+
+A test steers it through a `mock` object in the request body, which the sidecar forwards like any
+other field it does not understand:
+    status, error, retry_after  answer this error (with `fail_first`: only the first N times)
+    fail_first, key             fail the first N requests carrying this key, then answer normally
+    disconnect                  close the connection without answering (with fail_first)
+    garbage                     answer 200 with a body that is not JSON
+    chunks, chunk_delay         a stream of N content chunks, this many seconds apart
+    silent_s                    wait this long after the stream's headers before the first chunk
+    reset_after, stall_after    break or go silent after this many chunks
+    no_done                     end the stream cleanly but without [DONE]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+
+@dataclass
+class Seen:
+    path: str
+    headers: dict[str, str]
+    body: dict[str, Any]
+
+
+@dataclass
+class MockUpstream:
+    requests: list[Seen] = field(default_factory=list)
+    aborted: list[str] = field(default_factory=list)
+    aborted_event: threading.Event = field(default_factory=threading.Event)
+    port: int = 0
+    _counters: dict[str, int] = field(default_factory=dict)
+    _loop: asyncio.AbstractEventLoop | None = None
+    _thread: threading.Thread | None = None
+    _runner: web.AppRunner | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def start(self) -> None:
+        ready = threading.Event()
+
+        def main() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            asyncio.set_event_loop(loop)
+            loop.run_until_complete(self._start())
+            ready.set()
+            loop.run_forever()
+            loop.run_until_complete(self._runner.cleanup())  # type: ignore[union-attr]
+            loop.close()
+
+        self._thread = threading.Thread(target=main, name="mock-upstream", daemon=True)
+        self._thread.start()
+        ready.wait(10)
+
+    def stop(self) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def reset(self) -> None:
+        self.requests.clear()
+        self.aborted.clear()
+        self.aborted_event.clear()
+        self._counters.clear()
+
+    def count(self, path: str = "/v1/chat/completions") -> int:
+        return sum(1 for seen in self.requests if seen.path == path)
+
+    async def _start(self) -> None:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/v1/completions", self._completions)
+        app.router.add_post("/v1/embeddings", self._embeddings)
+        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+
+    # -- behaviours common to every endpoint -------------------------------------------------
+
+    async def _receive(self, request: web.Request) -> tuple[dict[str, Any], web.StreamResponse | None]:
+        body = orjson.loads(await request.read())
+        self.requests.append(Seen(request.path, dict(request.headers), body))
+        mock = body.get("mock") or {}
+        if mock.get("fail_first") is not None:
+            key = str(mock.get("key", "default"))
+            self._counters[key] = self._counters.get(key, 0) + 1
+            if self._counters[key] > mock["fail_first"]:
+                return body, None
+        if mock.get("disconnect"):
+            assert request.transport is not None
+            request.transport.abort()
+            raise asyncio.CancelledError
+        if mock.get("status"):
+            status = int(mock["status"])
+            error = mock.get("error") or {
+                "message": f"mock error {status}",
+                "type": "server_error" if status >= 500 else "invalid_request_error",
+                "param": None,
+                "code": None,
+            }
+            headers = {}
+            if mock.get("retry_after") is not None:
+                headers["Retry-After"] = str(mock["retry_after"])
+            return body, web.json_response({"error": error}, status=status, headers=headers)
+        if mock.get("garbage"):
+            return body, web.Response(text="<html>upstream exploded</html>",
+                                      content_type="application/json")
+        return body, None
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        body, early = await self._receive(request)
+        if early is not None:
+            return early
+        text, tool_call = _reply(body)
+        if body.get("stream"):
+            return await self._stream(request, body, text, tool_call, _chat_chunk)
+        message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+        finish = "stop"
+        if tool_call is not None:
+            message["content"] = None
+            message["tool_calls"] = [tool_call]
+            finish = "tool_calls"
+        n = int(body.get("n") or 1)
+        return _json({
+            "id": "chatcmpl-mock",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": body["model"],
+            "system_fingerprint": "fp_mock",
+            "choices": [
+                {"index": i, "message": message, "logprobs": None, "finish_reason": finish}
+                for i in range(n)
+            ],
+            "usage": _usage(body, text),
+        })
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        body, early = await self._receive(request)
+        if early is not None:
+            return early
+        prompt = body.get("prompt")
+        text = f" echo: {prompt if isinstance(prompt, str) else 'tokens'}"
+        if body.get("stream"):
+            return await self._stream(request, body, text, None, _completion_chunk)
+        return _json({
+            "id": "cmpl-mock",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": body["model"],
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": "stop"}],
+            "usage": _usage(body, text),
+        })
+
+    async def _embeddings(self, request: web.Request) -> web.StreamResponse:
+        body, early = await self._receive(request)
+        if early is not None:
+            return early
+        inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        dims = int(body.get("dimensions") or 8)
+        data = [
+            {"object": "embedding", "index": i, "embedding": [round(0.1 * (i + 1), 3)] * dims}
+            for i in range(len(inputs))
+        ]
+        return _json({"object": "list", "data": data, "model": body["model"],
+                      "usage": {"prompt_tokens": len(inputs), "total_tokens": len(inputs)}})
+
+    async def _stream(self, request: web.Request, body: dict[str, Any], text: str,
+                      tool_call: dict[str, Any] | None, make: Any) -> web.StreamResponse:
+        mock = body.get("mock") or {}
+        words = _split(text, int(mock["chunks"]) if mock.get("chunks") else None)
+        delay = float(mock.get("chunk_delay", 0))
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        sent = 0
+        try:
+            if mock.get("silent_s"):
+                await asyncio.sleep(float(mock["silent_s"]))
+            pieces = [make(body, word, first=(i == 0), stamp=True) for i, word in enumerate(words)]
+            if tool_call is not None:
+                pieces = [make(body, None, first=True, tool_call=tool_call)]
+            for piece in pieces:
+                if mock.get("reset_after") is not None and sent >= mock["reset_after"]:
+                    assert request.transport is not None
+                    request.transport.abort()
+                    return response
+                if mock.get("stall_after") is not None and sent >= mock["stall_after"]:
+                    await asyncio.sleep(3600)
+                piece["sent_ns"] = time.monotonic_ns()
+                await response.write(b"data: " + orjson.dumps(piece) + b"\n\n")
+                sent += 1
+                if delay:
+                    await asyncio.sleep(delay)
+            finish = "tool_calls" if tool_call is not None else "stop"
+            await response.write(b"data: " + orjson.dumps(make(body, None, finish=finish)) + b"\n\n")
+            options = body.get("stream_options") or {}
+            if options.get("include_usage"):
+                usage_chunk = make(body, None, usage=_usage(body, text))
+                await response.write(b"data: " + orjson.dumps(usage_chunk) + b"\n\n")
+            if not mock.get("no_done"):
+                await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+        except (asyncio.CancelledError, ConnectionResetError):
+            self.aborted.append(str(mock.get("key", "")))
+            self.aborted_event.set()
+            raise
+        return response
+
+
+def _json(obj: dict[str, Any]) -> web.Response:
+    return web.Response(body=orjson.dumps(obj), content_type="application/json")
+
+
+def _reply(body: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
+    if body.get("tools") and body.get("tool_choice") != "none":
+        tool = body["tools"][0]["function"]
+        return "", {
+            "id": "call_mock1",
+            "type": "function",
+            "function": {"name": tool["name"], "arguments": '{"location": "Paris"}'},
+        }
+    response_format = body.get("response_format") or {}
+    if response_format.get("type") in ("json_object", "json_schema"):
+        return '{"ok": true}', None
+    last = body["messages"][-1]
+    content = last.get("content")
+    if isinstance(content, list):
+        kinds = [part.get("type") for part in content]
+        texts = [part.get("text", "") for part in content if part.get("type") == "text"]
+        content = " ".join(texts) + f" [parts: {','.join(kinds)}]"
+    return f"Hello from mock: {content}", None
+
+
+def _split(text: str, count: int | None) -> list[str]:
+    if count is not None:
+        return [f"t{i} " for i in range(count)]
+    words = text.split(" ")
+    return [w if i == 0 else " " + w for i, w in enumerate(words)]
+
+
+def _usage(body: dict[str, Any], text: str) -> dict[str, int]:
+    prompt = len(orjson.dumps(body.get("messages") or body.get("prompt") or "")) // 4
+    completion = max(1, len(text.split()))
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
+
+
+def _chat_chunk(body: dict[str, Any], word: str | None, *, first: bool = False,
+                finish: str | None = None, usage: dict[str, int] | None = None,
+                tool_call: dict[str, Any] | None = None, stamp: bool = False) -> dict[str, Any]:
+    chunk: dict[str, Any] = {
+        "id": "chatcmpl-mock",
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": body["model"],
+        "system_fingerprint": "fp_mock",
+        "choices": [],
+    }
+    if usage is not None:
+        chunk["usage"] = usage
+        return chunk
+    delta: dict[str, Any] = {}
+    if first:
+        delta["role"] = "assistant"
+    if tool_call is not None:
+        delta["tool_calls"] = [{"index": 0, **tool_call}]
+    elif word is not None:
+        delta["content"] = word
+    chunk["choices"] = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+    if (body.get("stream_options") or {}).get("include_usage"):
+        chunk["usage"] = None
+    return chunk
+
+
+def _completion_chunk(body: dict[str, Any], word: str | None, *, first: bool = False,
+                      finish: str | None = None, usage: dict[str, int] | None = None,
+                      tool_call: dict[str, Any] | None = None, stamp: bool = False) -> dict[str, Any]:
+    chunk: dict[str, Any] = {
+        "id": "cmpl-mock",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": body["model"],
+        "choices": [],
+    }
+    if usage is not None:
+        chunk["usage"] = usage
+        return chunk
+    chunk["choices"] = [{"index": 0, "text": word or "", "logprobs": None,
+                         "finish_reason": finish}]
+    return chunk
