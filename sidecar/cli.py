@@ -74,5 +74,6 @@ def _check(args: argparse.Namespace) -> int:
     print(f"{settings.source}: ok, {len(settings.models)} models, "
           f"{len(settings.providers)} providers")
     for row in table:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+        cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        print("  ".join(cells).rstrip())
     return 0

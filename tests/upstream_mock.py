@@ -6,6 +6,7 @@ other field it does not understand:
     status, error, retry_after  answer this error (with `fail_first`: only the first N times)
     fail_first, key             fail the first N requests carrying this key, then answer normally
     disconnect                  close the connection without answering (with fail_first)
+    delay_s                     wait this long before answering at all
     garbage                     answer 200 with a body that is not JSON
     chunks, chunk_delay         a stream of N content chunks, this many seconds apart
     silent_s                    wait this long after the stream's headers before the first chunk
@@ -23,12 +24,15 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from multidict import CIMultiDict
+
+MOCK_KEY = web.RequestKey("mock_key", str)
 
 
 @dataclass
 class Seen:
     path: str
-    headers: dict[str, str]
+    headers: CIMultiDict[str]
     body: dict[str, Any]
 
 
@@ -80,7 +84,7 @@ class MockUpstream:
         return sum(1 for seen in self.requests if seen.path == path)
 
     async def _start(self) -> None:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[self._watch])
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_post("/v1/embeddings", self._embeddings)
@@ -90,17 +94,32 @@ class MockUpstream:
         await site.start()
         self.port = self._runner.addresses[0][1]
 
+    @web.middleware
+    async def _watch(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """Records each request the sidecar abandons before its answer is complete."""
+        try:
+            return await handler(request)  # type: ignore[no-any-return]
+        except (asyncio.CancelledError, ConnectionResetError):
+            self.aborted.append(str(request.get(MOCK_KEY, "")))
+            self.aborted_event.set()
+            raise
+
     # -- behaviours common to every endpoint -------------------------------------------------
 
-    async def _receive(self, request: web.Request) -> tuple[dict[str, Any], web.StreamResponse | None]:
+    async def _receive(
+        self, request: web.Request
+    ) -> tuple[dict[str, Any], web.StreamResponse | None]:
         body = orjson.loads(await request.read())
-        self.requests.append(Seen(request.path, dict(request.headers), body))
+        self.requests.append(Seen(request.path, request.headers.copy(), body))
         mock = body.get("mock") or {}
+        request[MOCK_KEY] = mock.get("key", "")
         if mock.get("fail_first") is not None:
             key = str(mock.get("key", "default"))
             self._counters[key] = self._counters.get(key, 0) + 1
             if self._counters[key] > mock["fail_first"]:
                 return body, None
+        if mock.get("delay_s"):
+            await asyncio.sleep(float(mock["delay_s"]))
         if mock.get("disconnect"):
             assert request.transport is not None
             request.transport.abort()
@@ -186,38 +205,30 @@ class MockUpstream:
         delay = float(mock.get("chunk_delay", 0))
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
-        sent = 0
-        try:
-            if mock.get("silent_s"):
-                await asyncio.sleep(float(mock["silent_s"]))
-            pieces = [make(body, word, first=(i == 0), stamp=True) for i, word in enumerate(words)]
-            if tool_call is not None:
-                pieces = [make(body, None, first=True, tool_call=tool_call)]
-            for piece in pieces:
-                if mock.get("reset_after") is not None and sent >= mock["reset_after"]:
-                    assert request.transport is not None
-                    request.transport.abort()
-                    return response
-                if mock.get("stall_after") is not None and sent >= mock["stall_after"]:
-                    await asyncio.sleep(3600)
-                piece["sent_ns"] = time.monotonic_ns()
-                await response.write(b"data: " + orjson.dumps(piece) + b"\n\n")
-                sent += 1
-                if delay:
-                    await asyncio.sleep(delay)
-            finish = "tool_calls" if tool_call is not None else "stop"
-            await response.write(b"data: " + orjson.dumps(make(body, None, finish=finish)) + b"\n\n")
-            options = body.get("stream_options") or {}
-            if options.get("include_usage"):
-                usage_chunk = make(body, None, usage=_usage(body, text))
-                await response.write(b"data: " + orjson.dumps(usage_chunk) + b"\n\n")
-            if not mock.get("no_done"):
-                await response.write(b"data: [DONE]\n\n")
-            await response.write_eof()
-        except (asyncio.CancelledError, ConnectionResetError):
-            self.aborted.append(str(mock.get("key", "")))
-            self.aborted_event.set()
-            raise
+        if mock.get("silent_s"):
+            await asyncio.sleep(float(mock["silent_s"]))
+        pieces = [make(body, word, first=(i == 0)) for i, word in enumerate(words)]
+        if tool_call is not None:
+            pieces = [make(body, None, first=True, tool_call=tool_call)]
+        for sent, piece in enumerate(pieces):
+            if mock.get("reset_after") is not None and sent >= mock["reset_after"]:
+                assert request.transport is not None
+                request.transport.abort()
+                return response
+            if mock.get("stall_after") is not None and sent >= mock["stall_after"]:
+                await asyncio.sleep(3600)
+            piece["sent_ns"] = time.monotonic_ns()
+            await response.write(b"data: " + orjson.dumps(piece) + b"\n\n")
+            if delay:
+                await asyncio.sleep(delay)
+        finish = "tool_calls" if tool_call is not None else "stop"
+        await response.write(b"data: " + orjson.dumps(make(body, None, finish=finish)) + b"\n\n")
+        if (body.get("stream_options") or {}).get("include_usage"):
+            usage_chunk = make(body, None, usage=_usage(body, text))
+            await response.write(b"data: " + orjson.dumps(usage_chunk) + b"\n\n")
+        if not mock.get("no_done"):
+            await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
         return response
 
 
@@ -261,7 +272,7 @@ def _usage(body: dict[str, Any], text: str) -> dict[str, int]:
 
 def _chat_chunk(body: dict[str, Any], word: str | None, *, first: bool = False,
                 finish: str | None = None, usage: dict[str, int] | None = None,
-                tool_call: dict[str, Any] | None = None, stamp: bool = False) -> dict[str, Any]:
+                tool_call: dict[str, Any] | None = None) -> dict[str, Any]:
     chunk: dict[str, Any] = {
         "id": "chatcmpl-mock",
         "object": "chat.completion.chunk",
@@ -288,7 +299,7 @@ def _chat_chunk(body: dict[str, Any], word: str | None, *, first: bool = False,
 
 def _completion_chunk(body: dict[str, Any], word: str | None, *, first: bool = False,
                       finish: str | None = None, usage: dict[str, int] | None = None,
-                      tool_call: dict[str, Any] | None = None, stamp: bool = False) -> dict[str, Any]:
+                      tool_call: dict[str, Any] | None = None) -> dict[str, Any]:
     chunk: dict[str, Any] = {
         "id": "cmpl-mock",
         "object": "text_completion",

@@ -9,6 +9,7 @@ import os
 import re
 
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 
 from sidecar.api.http import error_response
 from sidecar.errors import (
@@ -32,15 +33,16 @@ def _request_id(request: web.Request) -> str:
     return "req_" + os.urandom(12).hex()
 
 
-def make_edge(log_requests: bool) -> web.Middleware:
+def make_edge(log_requests: bool) -> Middleware:
     @web.middleware
-    async def edge(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+    async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
         timing = Timing()
         rid = _request_id(request)
         request[REQUEST_ID] = rid
         request[TIMING] = timing
         fields: dict[str, object] = {}
         request[LOG_FIELDS] = fields
+        response: web.StreamResponse
         try:
             response = await handler(request)
         except SidecarError as exc:
@@ -92,9 +94,9 @@ def _log(
 
 def _from_http(request: web.Request, exc: web.HTTPException) -> SidecarError:
     if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        limit = request.app[SETTINGS].server.max_body_bytes
         return PayloadTooLarge(
-            f"The request body is larger than the {request.app[SETTINGS].server.max_body_bytes} bytes "
-            "this server accepts."
+            f"The request body is larger than the {limit} bytes this server accepts."
         )
     if isinstance(exc, web.HTTPNotFound):
         return RouteNotFound(f"Unknown request URL: {request.method} {request.path}.")

@@ -23,7 +23,8 @@ from sidecar.protocol.requests import (
     decode_body,
     validate,
 )
-from sidecar.protocol.sse import DONE_FRAME, HEARTBEAT as HEARTBEAT_FRAME
+from sidecar.protocol.sse import DONE_FRAME
+from sidecar.protocol.sse import HEARTBEAT as HEARTBEAT_FRAME
 
 routes = web.RouteTableDef()
 

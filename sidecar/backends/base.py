@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -27,7 +27,7 @@ class Backend(Protocol):
         """The whole JSON response body of a non-streamed request."""
         ...
 
-    def stream(self, call: Call) -> AsyncIterator[bytes]:
+    def stream(self, call: Call) -> AsyncGenerator[bytes, None]:
         """The `data` of each stream event (OpenAI chunk JSON) as it arrives, `[DONE]` excluded.
 
         Errors raised before the first item mean nothing was sent; after it, the stream broke.

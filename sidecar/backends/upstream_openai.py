@@ -8,7 +8,7 @@ import email.utils
 import logging
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from time import perf_counter
 from typing import Any
 
@@ -89,7 +89,7 @@ class OpenAIUpstream:
                                 "a JSON object.")
         return body
 
-    async def stream(self, call: Call) -> AsyncIterator[bytes]:
+    async def stream(self, call: Call) -> AsyncGenerator[bytes, None]:
         response = await self._send(call)
         finished = False
         try:
@@ -168,9 +168,8 @@ class OpenAIUpstream:
                     return response
                 error = await self._status_error(response)
                 retryable = status == 429 or status >= 500
-                delay = _retry_after(response.headers)
-                if delay is None:
-                    delay = _backoff(attempt)
+                asked = _retry_after(response.headers)
+                delay = _backoff(attempt) if asked is None else asked
                 if (
                     not retryable
                     or attempt >= self._settings.max_retries
@@ -213,7 +212,7 @@ class OpenAIUpstream:
                 f"(HTTP {status}); the operator must fix its API key."
             )
         if status < 500:
-            message = upstream.get("message") or f"The upstream `{self.name}` answered HTTP {status}."
+            message = upstream.get("message") or f"The upstream `{self.name}` answered {status}."
             return UpstreamStatus(
                 status,
                 str(message),
@@ -227,8 +226,8 @@ class OpenAIUpstream:
             f": {detail}" if detail else "."
         )
         if status in (503, 504):
-            return UpstreamStatus(status, message, "upstream_error", code="upstream_unavailable"
-                                  if status == 503 else "upstream_timeout", headers=headers)
+            code = "upstream_unavailable" if status == 503 else "upstream_timeout"
+            return UpstreamStatus(status, message, "upstream_error", code=code, headers=headers)
         return UpstreamError(message, headers=headers)
 
     def _read_timeout(self) -> UpstreamTimeout:
@@ -248,7 +247,7 @@ class OpenAIUpstream:
 
 
 def _backoff(attempt: int) -> float:
-    return min(_BACKOFF_CAP_S, _BACKOFF_BASE_S * 2**attempt) * random.uniform(0.5, 1.5)
+    return min(_BACKOFF_CAP_S, _BACKOFF_BASE_S * (1 << attempt)) * random.uniform(0.5, 1.5)
 
 
 def _retry_after(headers: Any) -> float | None:

@@ -8,7 +8,6 @@ travels to the upstream unchanged, because the body forwarded is the client's ow
 from __future__ import annotations
 
 import re
-
 from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
@@ -23,7 +22,6 @@ Penalty = Annotated[float, Meta(ge=-2, le=2)]
 PositiveInt = Annotated[int, Meta(ge=1)]
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 Stop = str | list[str] | None
-TokenList = Annotated[list[int], Meta(min_length=1)]
 
 
 class ContentPart(Struct):
@@ -58,18 +56,46 @@ class ChatCompletionRequest(Sampling, kw_only=True):
     max_completion_tokens: PositiveInt | None = None
 
 
+def _check_text_or_tokens(value: str | list[Any], name: str) -> None:
+    """A string, a list of strings, a list of token ids, or a list of such lists."""
+    if isinstance(value, str):
+        return
+    if not value:
+        raise InvalidRequest(f"Invalid value for `{name}`: must not be empty.", param=name)
+    if all(isinstance(v, str) for v in value):
+        return
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return
+    if all(
+        isinstance(v, list) and v and all(isinstance(t, int) and not isinstance(t, bool) for t in v)
+        for v in value
+    ):
+        return
+    raise InvalidRequest(
+        f"Invalid value for `{name}`: expected a string, a list of strings, a list of token ids "
+        "or a list of lists of token ids.",
+        param=name,
+    )
+
+
 class CompletionRequest(Sampling, kw_only=True):
-    prompt: str | list[str] | TokenList | list[TokenList]
+    prompt: str | list[Any]
+
+    def __post_init__(self) -> None:
+        _check_text_or_tokens(self.prompt, "prompt")
 
 
 class EmbeddingRequest(Struct, kw_only=True):
     model: Annotated[str, Meta(min_length=1)]
-    input: str | list[str] | TokenList | list[TokenList]
+    input: str | list[Any]
+
+    def __post_init__(self) -> None:
+        _check_text_or_tokens(self.input, "input")
 
 
 # Keys that would let a client choose where the operator's credentials are sent.
 FORBIDDEN_KEYS = frozenset({"api_base", "base_url", "api_key", "api_version"})
-_FORBIDDEN_MARKERS = tuple(f'"{key}"'.encode() for key in FORBIDDEN_KEYS) + (b"\\u",)
+_FORBIDDEN_MARKERS = (*tuple(f'"{key}"'.encode() for key in FORBIDDEN_KEYS), b"\\u")
 
 
 def decode_body(body: bytes) -> dict[str, Any]:

@@ -24,20 +24,21 @@ class Target:
 class Route:
     """The targets of one public model name, chosen at random in proportion to their weights."""
 
-    __slots__ = ("_cumulative", "_only", "_total", "name", "targets")
+    __slots__ = ("_cumulative", "_only", "_random", "_total", "name", "targets")
 
-    def __init__(self, name: str, targets: list[Target]) -> None:
+    def __init__(self, name: str, targets: list[Target], rng: random.Random | None = None) -> None:
         self.name = name
+        self._random = (rng or random.Random()).random
         self.targets = targets
         live = [t for t in targets if t.weight > 0]
         self._only = live[0] if len(live) == 1 else None
         self._cumulative = list(accumulate(t.weight for t in targets))
         self._total = self._cumulative[-1] if targets else 0.0
 
-    def choose(self, rng: random.Random = random._inst) -> Target:  # type: ignore[attr-defined]
+    def choose(self) -> Target:
         if self._only is not None:
             return self._only
-        point = rng.random() * self._total
+        point = self._random() * self._total
         return self.targets[bisect_right(self._cumulative, point)]
 
 
