@@ -4,15 +4,17 @@ the file, the key and what is wrong."""
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 import msgspec
 from msgspec import Meta, Struct
 
 DEFAULT_CONFIG = "config/sidecar.toml"
+T = TypeVar("T")
 
 PositiveFloat = Annotated[float, Meta(gt=0)]
 Port = Annotated[int, Meta(ge=0, le=65535)]
@@ -115,23 +117,47 @@ def from_mapping(data: dict[str, object], *, source: str = "<memory>") -> Settin
     for reserved in ("source", "api_keys"):
         if reserved in data:
             raise ConfigError(f"{source}: unknown key `{reserved}`")
-    try:
-        settings = msgspec.convert(data, Settings)
-    except msgspec.ValidationError as exc:
-        raise ConfigError(f"{source}: {_readable(str(exc))}") from None
+    # Tables keyed by name are converted one entry at a time, so an error can say which entry.
+    rest = dict(data)
+    tables: dict[str, dict[str, Any]] = {}
+    for section, kind in (("providers", ProviderSettings), ("models", ModelSettings)):
+        entries = rest.pop(section, {})
+        if not isinstance(entries, dict):
+            raise ConfigError(f"{source}: `{section}`: expected a table")
+        tables[section] = {
+            name: _convert(value, kind, source, f"{section}.{_key(name)}")
+            for name, value in entries.items()
+        }
+    settings = _convert(rest, Settings, source, "")
+    settings.providers = tables["providers"]
+    settings.models = tables["models"]
     settings.source = source
     _check(settings)
     settings.api_keys = _resolve_keys(settings)
     return settings
 
 
-def _readable(message: str) -> str:
+def _convert(value: object, kind: type[T], source: str, prefix: str) -> T:
+    try:
+        return msgspec.convert(value, kind)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{source}: {_readable(str(exc), prefix)}") from None
+
+
+def _readable(message: str, prefix: str) -> str:
     # msgspec says "Expected `int`, got `str` - at `$.server.port`"; lead with the key.
     text, sep, where = message.rpartition(" - at ")
     if not sep:
-        return message
+        text, where = message, ""
     key = where.strip("`").removeprefix("$").lstrip(".")
+    if prefix:
+        key = f"{prefix}.{key}".replace(".[", "[") if key else prefix
     return f"`{key}`: {text}" if key else text
+
+
+def _key(name: str) -> str:
+    """A table key as TOML would write it: bare when it can be, quoted otherwise."""
+    return name if re.fullmatch(r"[A-Za-z0-9_-]+", name) else f'"{name}"'
 
 
 def _check(settings: Settings) -> None:

@@ -1,0 +1,122 @@
+"""Config errors name the file, the key and what is wrong; check-config prints the routes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sidecar import config
+from sidecar.config import ConfigError, Secret
+
+ROOT = Path(__file__).resolve().parent.parent
+
+GOOD = """
+[providers.up]
+kind = "openai"
+base_url = "http://127.0.0.1:9/v1"
+
+[models."m"]
+targets = [ { provider = "up", model = "up-m", weight = 2 }, { provider = "up", weight = 1 } ]
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "c.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def check_config(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "sidecar", "check-config", *args], cwd=ROOT,
+                          capture_output=True, text=True, env=env, timeout=30)
+
+
+def test_check_config_prints_the_resolved_routes(tmp_path: Path) -> None:
+    result = check_config(str(write(tmp_path, GOOD)))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "ok, 1 models, 1 providers" in lines[0]
+    assert lines[2].split() == ["m", "up", "up-m", "2", "http://127.0.0.1:9/v1"]
+    assert lines[3].split() == ["m", "up", "m", "1", "http://127.0.0.1:9/v1"]
+
+
+def test_the_shipped_default_config_is_valid() -> None:
+    result = check_config("config/sidecar.toml")
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[server]\nport = 'eighty'\n" + GOOD, "`server.port`: Expected `int`, got `str`"),
+        ("[server]\nprot = 8080\n" + GOOD, "`server`: Object contains unknown field `prot`"),
+        (GOOD.replace('kind = "openai"', 'kind = "magic"'), "`providers.up.kind`"),
+        (GOOD.replace("http://127.0.0.1:9/v1", "ftp://x"), "`providers.up.base_url`"),
+        (GOOD.replace('provider = "up", model', 'provider = "nope", model'),
+         "`models.m.targets[0].provider`: unknown provider 'nope' (configured: up)"),
+        (GOOD.replace("weight = 2", "weight = -1"), "`models.m.targets[0].weight`"),
+        (GOOD.replace("weight = 2", "weight = 0").replace("weight = 1", "weight = 0"),
+         "every weight is 0"),
+        ("[providers.up]\nkind='openai'\nbase_url='http://x'\n", "no model is configured"),
+        ("this is = = not toml", "not valid TOML"),
+    ],
+)
+def test_errors_name_the_file_and_the_key(tmp_path: Path, text: str, expected: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        config.load(path)
+    assert str(caught.value).startswith(str(path))
+    assert expected in str(caught.value)
+
+
+def test_check_config_exits_non_zero_with_the_message(tmp_path: Path) -> None:
+    path = write(tmp_path, "[server]\nport = 'x'\n" + GOOD)
+    result = check_config(str(path))
+    assert result.returncode == 2
+    assert f"{path}: `server.port`" in result.stderr
+
+
+def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
+    result = check_config(str(tmp_path / "absent.toml"))
+    assert result.returncode == 2
+    assert "absent.toml: cannot read the config file" in result.stderr
+
+
+def test_config_path_defaults_to_the_environment(tmp_path: Path) -> None:
+    path = write(tmp_path, GOOD)
+    import os
+    result = check_config(env={**os.environ, "SIDECAR_CONFIG": str(path)})
+    assert result.returncode == 0
+    assert str(path) in result.stdout
+
+
+def test_api_key_from_env_is_a_secret_that_never_prints(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("UP_KEY", "sk-live-secret")
+    settings = config.load(write(tmp_path, GOOD.replace(
+        'base_url = "http://127.0.0.1:9/v1"',
+        'base_url = "http://127.0.0.1:9/v1"\napi_key_env = "UP_KEY"')))
+    key = settings.api_keys["up"]
+    assert isinstance(key, Secret) and key.reveal() == "sk-live-secret"
+    assert "sk-live" not in repr(settings) and "sk-live" not in str(key)
+
+
+def test_missing_api_key_env_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("UP_KEY", raising=False)
+    path = write(tmp_path, GOOD.replace('base_url = "http://127.0.0.1:9/v1"',
+                                        'base_url = "http://127.0.0.1:9/v1"\napi_key_env = "UP_KEY"'))
+    with pytest.raises(ConfigError, match="`providers.up.api_key_env`: the environment variable "
+                                          "UP_KEY is not set"):
+        config.load(path)
+
+
+def test_api_key_file_is_read_and_stripped(tmp_path: Path) -> None:
+    keyfile = tmp_path / "key"
+    keyfile.write_text("sk-from-file\n")
+    path = write(tmp_path, GOOD.replace('base_url = "http://127.0.0.1:9/v1"',
+                                        f'base_url = "http://127.0.0.1:9/v1"\n'
+                                        f'api_key_file = "{keyfile}"'))
+    assert config.load(path).api_keys["up"].reveal() == "sk-from-file"
