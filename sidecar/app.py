@@ -16,12 +16,15 @@ from sidecar.backends.upstream_openai import OpenAIUpstream
 from sidecar.config import Settings
 from sidecar.gateway import Gateway, Readiness
 from sidecar.keys import GATEWAY, READINESS, SETTINGS
+from sidecar.observability.logging import AccessLog, LineWriter
 from sidecar.routing.table import RouteTable
 
 
-def create_app(settings: Settings) -> web.Application:
+def create_app(settings: Settings, log_writer: LineWriter | None = None) -> web.Application:
+    """The app; request lines go to `log_writer` when one is given and logging.requests is on."""
+    access_log = AccessLog(log_writer if settings.logging.requests else None)
     app = web.Application(
-        middlewares=[make_edge(settings.logging.requests)],
+        middlewares=[make_edge(access_log)],
         client_max_size=settings.server.max_body_bytes,
         handler_args={"max_field_size": 16 * 1024},
     )
@@ -56,8 +59,6 @@ async def _upstreams(app: web.Application) -> AsyncIterator[None]:
                 session = aiohttp.ClientSession(
                     connector=connector,
                     cookie_jar=aiohttp.DummyCookieJar(),
-                    auto_decompress=True,
-                    skip_auto_headers=("User-Agent",),
                 )
                 sessions[origin] = session
             backends[name] = OpenAIUpstream(

@@ -48,15 +48,17 @@ def _serve(args: argparse.Namespace) -> int:
         settings.server.host = args.host
     if args.port is not None:
         settings.server.port = args.port
-    slog.configure(settings.logging.level)
+    writer = slog.configure(settings.logging.level)
     from sidecar.server import run
 
     try:
-        run(settings)
+        run(settings, writer)
     except OSError as exc:
+        writer.close()
         print(f"sidecar: cannot listen on {settings.server.host}:{settings.server.port}: "
               f"{exc.strerror}", file=sys.stderr)
         return 1
+    writer.close()
     return 0
 
 

@@ -10,13 +10,11 @@ if TYPE_CHECKING:
     from sidecar.gateway import Gateway, Readiness
 
 from sidecar.config import Settings
-from sidecar.observability.timing import Timing
+from sidecar.observability.timing import RequestContext
 
 SETTINGS = web.AppKey("settings", Settings)
 GATEWAY: web.AppKey[Gateway] = web.AppKey("gateway")
 READINESS: web.AppKey[Readiness] = web.AppKey("readiness")
 
-# Per-request values set by the edge middleware.
-REQUEST_ID = web.RequestKey("request_id", str)
-TIMING = web.RequestKey("timing", Timing)
-LOG_FIELDS: web.RequestKey[dict[str, object]] = web.RequestKey("log_fields")
+# Per-request state set by the edge middleware.
+CONTEXT = web.RequestKey("context", RequestContext)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 
@@ -10,12 +11,13 @@ from aiohttp import web
 
 from sidecar.app import create_app
 from sidecar.config import Settings
+from sidecar.observability.logging import LineWriter
 
 log = logging.getLogger("sidecar")
 
 
-async def serve(settings: Settings) -> None:
-    app = create_app(settings)
+async def serve(settings: Settings, log_writer: LineWriter | None = None) -> None:
+    app = create_app(settings, log_writer)
     runner = web.AppRunner(
         app,
         access_log=None,
@@ -52,8 +54,21 @@ def _address(runner: web.AppRunner) -> str:
     return ""
 
 
-def run(settings: Settings) -> None:
+def tune_gc() -> None:
+    """Freeze what start-up built and collect young objects less often.
+
+    A proxied request allocates a few hundred short-lived containers; with the default
+    threshold (700) the cyclic collector runs every few requests and re-traverses the objects
+    of every request in flight, which cost about a tenth of the CPU per request here.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 50, 100)
+
+
+def run(settings: Settings, log_writer: LineWriter | None = None) -> None:
     import uvloop
 
+    tune_gc()
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(serve(settings))
+        runner.run(serve(settings, log_writer))

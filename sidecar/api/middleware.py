@@ -4,8 +4,8 @@ structured log line."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
-import os
 import re
 
 from aiohttp import web
@@ -18,30 +18,30 @@ from sidecar.errors import (
     RouteNotFound,
     SidecarError,
 )
-from sidecar.keys import LOG_FIELDS, REQUEST_ID, SETTINGS, TIMING
-from sidecar.observability.logging import ACCESS
-from sidecar.observability.timing import Timing
+from sidecar.keys import CONTEXT, SETTINGS
+from sidecar.observability.logging import AccessLog, process_tag
+from sidecar.observability.timing import RequestContext, Timing
 
 log = logging.getLogger("sidecar")
 _CLIENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
-def _request_id(request: web.Request) -> str:
-    given = request.headers.get("X-Request-Id")
-    if given is not None and _CLIENT_ID.fullmatch(given):
-        return given
-    return "req_" + os.urandom(12).hex()
+def make_edge(access_log: AccessLog) -> Middleware:
+    # Ids are a per-process random tag and a counter: unique across a fleet, and cheap.
+    prefix = f"req_{process_tag()}"
+    counter = itertools.count(1)
 
-
-def make_edge(log_requests: bool) -> Middleware:
     @web.middleware
     async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
-        timing = Timing()
-        rid = _request_id(request)
-        request[REQUEST_ID] = rid
-        request[TIMING] = timing
-        fields: dict[str, object] = {}
-        request[LOG_FIELDS] = fields
+        given = request.headers.get("X-Request-Id")
+        if given is not None and _CLIENT_ID.fullmatch(given):
+            rid = given
+        else:
+            rid = f"{prefix}{next(counter):08x}"
+        context = RequestContext(rid)
+        request[CONTEXT] = context
+        timing = context.timing
+        fields = context.fields
         response: web.StreamResponse
         try:
             response = await handler(request)
@@ -50,25 +50,28 @@ def make_edge(log_requests: bool) -> Middleware:
         except web.HTTPException as exc:
             response = error_response(_from_http(request, exc))
         except asyncio.CancelledError:
-            _log(request, rid, timing, fields, 499, "client closed the connection")
+            _log(access_log, request, rid, timing, fields, 499, "client closed the connection")
             raise
         except Exception:
             log.exception("unhandled error", extra={"fields": {"request_id": rid}})
             response = error_response(
                 SidecarError(f"The sidecar failed to handle this request (request id {rid}).")
             )
+        overhead_ms = timing.overhead_ms()
         if not response.prepared:
             headers = response.headers
             headers["X-Request-Id"] = rid
-            headers["X-Sidecar-Overhead-Ms"] = f"{timing.overhead_ms():.3f}"
-        if log_requests:
-            _log(request, rid, timing, fields, response.status, None)
+            headers["X-Sidecar-Overhead-Ms"] = f"{overhead_ms:.3f}"
+        if access_log.enabled:
+            fields["overhead_us"] = int(overhead_ms * 1000)
+            _log(access_log, request, rid, timing, fields, response.status, None)
         return response
 
     return edge
 
 
 def _log(
+    access_log: AccessLog,
     request: web.Request,
     rid: str,
     timing: Timing,
@@ -76,20 +79,18 @@ def _log(
     status: int,
     note: str | None,
 ) -> None:
-    if not ACCESS.isEnabledFor(logging.INFO):
+    if not access_log.enabled:
         return
-    fields.update(
-        request_id=rid,
-        method=request.method,
-        path=request.path,
-        status=status,
-        duration_ms=round(timing.elapsed_ms(), 3),
-        overhead_ms=round(timing.overhead_ms(), 3),
-        upstream_ms=round(timing.upstream * 1000.0, 3),
-    )
+    fields.setdefault("overhead_us", int(timing.overhead_ms() * 1000))
+    fields["request_id"] = rid
+    fields["method"] = request.method
+    fields["path"] = request.path
+    fields["status"] = status
+    fields["duration_us"] = int(timing.elapsed_ms() * 1000)
+    fields["upstream_us"] = int(timing.upstream * 1e6)
     if note:
         fields["note"] = note
-    ACCESS.info("request", extra={"fields": fields})
+    access_log.write(fields)
 
 
 def _from_http(request: web.Request, exc: web.HTTPException) -> SidecarError:

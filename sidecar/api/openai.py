@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import Any
 
 import orjson
@@ -13,7 +14,7 @@ from aiohttp import web
 from sidecar.api.http import JSON, json_bytes
 from sidecar.backends.base import Backend, Call
 from sidecar.errors import ModelNotFound, SidecarError
-from sidecar.keys import GATEWAY, LOG_FIELDS, REQUEST_ID, TIMING
+from sidecar.keys import CONTEXT, GATEWAY
 from sidecar.observability.timing import Timing
 from sidecar.protocol.requests import (
     ChatCompletionRequest,
@@ -33,21 +34,6 @@ _SSE_HEADERS = {
     "Cache-Control": "no-cache",
     "X-Accel-Buffering": "no",
 }
-
-
-@routes.post("/v1/chat/completions")
-async def chat_completions(request: web.Request) -> web.StreamResponse:
-    return await _proxy(request, "chat/completions", ChatCompletionRequest)
-
-
-@routes.post("/v1/completions")
-async def completions(request: web.Request) -> web.StreamResponse:
-    return await _proxy(request, "completions", CompletionRequest)
-
-
-@routes.post("/v1/embeddings")
-async def embeddings(request: web.Request) -> web.StreamResponse:
-    return await _proxy(request, "embeddings", EmbeddingRequest)
 
 
 @routes.get("/v1/models")
@@ -74,11 +60,11 @@ def _model_card(name: str) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": _STARTED, "owned_by": "llm-sidecar"}
 
 
-async def _proxy(
-    request: web.Request,
-    endpoint: str,
-    schema: type[ChatCompletionRequest] | type[CompletionRequest] | type[EmbeddingRequest],
-) -> web.StreamResponse:
+Schema = type[ChatCompletionRequest] | type[CompletionRequest] | type[EmbeddingRequest]
+
+
+async def proxy(endpoint: str, schema: Schema, request: web.Request) -> web.StreamResponse:
+    """The handler of every proxied endpoint (bound to one with functools.partial)."""
     body = await request.read()
     payload = decode_body(body)
     parsed = validate(payload, schema)
@@ -93,10 +79,11 @@ async def _proxy(
     if target.model != parsed.model:
         payload["model"] = target.model
         body = orjson.dumps(payload)
-    fields = request[LOG_FIELDS]
+    context = request[CONTEXT]
+    fields = context.fields
     fields["model"] = parsed.model
     fields["target"] = target.label
-    call = Call(endpoint, body, request[REQUEST_ID], request[TIMING])
+    call = Call(endpoint, body, context.request_id, context.timing)
     backend = gateway.backends[target.provider]
     extra = {"X-Sidecar-Target": target.label}
     if isinstance(parsed, Sampling) and parsed.stream:
@@ -105,6 +92,11 @@ async def _proxy(
     response = json_bytes(request, await backend.complete(call))
     response.headers.update(extra)
     return response
+
+
+routes.post("/v1/chat/completions")(partial(proxy, "chat/completions", ChatCompletionRequest))
+routes.post("/v1/completions")(partial(proxy, "completions", CompletionRequest))
+routes.post("/v1/embeddings")(partial(proxy, "embeddings", EmbeddingRequest))
 
 
 async def _stream(
@@ -127,7 +119,7 @@ async def _stream(
         except SidecarError as exc:
             # Past the first byte the status is spent: say what happened in the stream and
             # end it without [DONE], so the client knows the answer is incomplete.
-            request[LOG_FIELDS]["stream_error"] = exc.code or exc.type
+            request[CONTEXT].fields["stream_error"] = exc.code or exc.type
             await response.write(b"data: " + exc.to_json() + b"\n\n")
         await response.write_eof()
         return response
@@ -150,7 +142,7 @@ async def _open_stream(
 ) -> web.StreamResponse:
     response = web.StreamResponse(headers=_SSE_HEADERS)
     response.headers.update(extra)
-    response.headers["X-Request-Id"] = request[REQUEST_ID]
+    response.headers["X-Request-Id"] = request[CONTEXT].request_id
     response.headers["X-Sidecar-Overhead-Ms"] = f"{timing.overhead_ms():.3f}"
     await response.prepare(request)
     return response

@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from sidecar import __version__
 from sidecar.backends.base import HEARTBEAT, Call
 from sidecar.config import ProviderSettings, Secret
 from sidecar.errors import (
@@ -53,7 +54,11 @@ class OpenAIUpstream:
         self._session = session
         self._settings = settings
         self._heartbeat_s = heartbeat_s
-        headers = {**settings.headers, "Content-Type": "application/json"}
+        headers = {
+            "User-Agent": f"llm-sidecar/{__version__}",
+            **settings.headers,
+            "Content-Type": "application/json",
+        }
         if api_key is not None:
             headers["Authorization"] = f"Bearer {api_key.reveal()}"
         self._headers = headers
@@ -80,13 +85,12 @@ class OpenAIUpstream:
         finally:
             call.timing.upstream += perf_counter() - started
             response.release()
-        try:
-            parsed = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            parsed = None
-        if not isinstance(parsed, dict):
-            raise UpstreamError(f"The upstream `{self.name}` answered with something that is not "
-                                "a JSON object.")
+        # The length was checked by the HTTP client; this catches an HTML error page or a
+        # proxy's banner without parsing every answer twice.
+        if not (body[:1] == b"{" and body.rstrip()[-1:] == b"}"):
+            raise UpstreamError(
+                f"The upstream `{self.name}` answered with something that is not a JSON object."
+            )
         return body
 
     async def stream(self, call: Call) -> AsyncGenerator[bytes, None]:

@@ -1,23 +1,84 @@
-"""Structured logs: one JSON object per line on stderr, for journald and log shippers."""
+"""Structured logs: one JSON object per line on stderr, for journald and log shippers.
+
+Lines are formatted where they happen and written by one thread, so the event loop never waits
+on a slow pipe, and a busy second costs one write per batch rather than one per request.
+"""
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import sys
+import threading
 import time
-from typing import Any
+from collections import deque
+from typing import Any, TextIO
 
 import orjson
 
-ACCESS = logging.getLogger("sidecar.access")
 log = logging.getLogger("sidecar")
 
 
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
+class LineWriter:
+    """Owns the output stream; anything may queue a line, one thread writes them."""
+
+    def __init__(self, stream: TextIO, interval_s: float = 0.05) -> None:
+        self._stream = stream
+        self._lines: deque[str] = deque()
+        self._wake = threading.Event()
+        self._stop = False
+        self._interval = interval_s
+        self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
+        self._thread.start()
+
+    def put(self, line: str) -> None:
+        self._lines.append(line)
+
+    def close(self) -> None:
+        self._stop = True
+        self._wake.set()
+        self._thread.join(5)
+        self._drain()
+
+    def _run(self) -> None:
+        while not self._stop:
+            self._wake.wait(self._interval)
+            self._drain()
+
+    def _drain(self) -> None:
+        lines = self._lines
+        if not lines:
+            return
+        batch = []
+        while lines:
+            batch.append(lines.popleft())
+        try:
+            self._stream.write("\n".join(batch) + "\n")
+            self._stream.flush()
+        except (OSError, ValueError):
+            pass  # stderr gone: nowhere left to say so
+
+
+@functools.lru_cache(maxsize=4)
+def _second(whole: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+
+
+def _timestamp(created: float) -> str:
+    """ISO 8601 in UTC with milliseconds."""
+    whole = int(created)
+    return f"{_second(whole)}.{int((created - whole) * 1000):03d}Z"
+
+
+class JsonHandler(logging.Handler):
+    def __init__(self, writer: LineWriter) -> None:
+        super().__init__()
+        self._writer = writer
+
+    def emit(self, record: logging.LogRecord) -> None:
         entry: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "ts": _timestamp(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
@@ -26,15 +87,39 @@ class JsonFormatter(logging.Formatter):
         if fields:
             entry.update(fields)
         if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
-        return orjson.dumps(entry, default=str).decode()
+            entry["exc"] = logging.Formatter().formatException(record.exc_info)
+        self._writer.put(orjson.dumps(entry, default=str).decode())
 
 
-def configure(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
+class AccessLog:
+    """One line per request, without the cost of a LogRecord on the hot path."""
+
+    def __init__(self, writer: LineWriter | None) -> None:
+        self._writer = writer
+
+    @property
+    def enabled(self) -> bool:
+        return self._writer is not None
+
+    def write(self, fields: dict[str, object]) -> None:
+        if self._writer is None:
+            return
+        fields["ts"] = _timestamp(time.time())
+        fields["level"] = "info"
+        fields["logger"] = "sidecar.access"
+        self._writer.put(orjson.dumps(fields, default=str).decode())
+
+
+def configure(level: str, stream: TextIO | None = None) -> LineWriter:
+    writer = LineWriter(stream or sys.stderr)
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [JsonHandler(writer)]
     root.setLevel(level.upper())
     # aiohttp's own access log is off; ours carries the request id and timings.
     logging.getLogger("aiohttp.access").disabled = True
+    return writer
+
+
+def process_tag() -> str:
+    """A short random tag that makes ids from this process unique across a fleet."""
+    return os.urandom(6).hex()

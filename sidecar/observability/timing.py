@@ -18,3 +18,14 @@ class Timing:
     def overhead_ms(self) -> float:
         """Time spent in the sidecar so far, upstream time excluded."""
         return max(0.0, (perf_counter() - self.start - self.upstream) * 1000.0)
+
+
+class RequestContext:
+    """What the edge knows about a request: its id, its timing, and fields for its log line."""
+
+    __slots__ = ("fields", "request_id", "timing")
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self.timing = Timing()
+        self.fields: dict[str, object] = {}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 from bisect import bisect_right
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import accumulate
 
 from sidecar.config import Settings
@@ -15,10 +15,10 @@ class Target:
     provider: str
     model: str  # the upstream's own model id
     weight: float
+    label: str = field(init=False)  # "provider/model", as headers and logs show it
 
-    @property
-    def label(self) -> str:
-        return f"{self.provider}/{self.model}"
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "label", f"{self.provider}/{self.model}")
 
 
 class Route:

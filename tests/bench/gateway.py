@@ -1,0 +1,296 @@
+"""The gateway benchmark: the sidecar against a bare aiohttp proxy, measured in one run.
+
+Both servers are pinned to CPU 0; the mock upstream, wrk and the streaming client share CPU 1.
+Every target is loopback. Run with `make bench` (or `python -m tests.bench.gateway`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import aiohttp
+import orjson
+
+ROOT = Path(__file__).resolve().parents[2]
+PY = sys.executable
+SERVER_CPU = "0"
+LOAD_CPU = "1" if (os.cpu_count() or 1) > 1 else "0"
+CHAT = {"model": "bench", "messages": [{"role": "user", "content": "Say hello in five words."}],
+        "temperature": 0.7}
+
+SIDECAR_CONFIG = """
+[server]
+host = "127.0.0.1"
+port = {port}
+heartbeat_s = 15
+
+[logging]
+level = "info"
+requests = true
+
+[providers.mock]
+kind = "openai"
+base_url = "http://127.0.0.1:{mock}/v1"
+api_key_env = "BENCH_UPSTREAM_KEY"
+
+[models."bench"]
+targets = {targets}
+"""
+ONE_TARGET = '[ { provider = "mock", model = "bench-upstream", weight = 1 } ]'
+THREE_TARGETS = ('[ { provider = "mock", model = "bench-upstream", weight = 3 }, '
+                 '{ provider = "mock", model = "bench-upstream", weight = 1 }, '
+                 '{ provider = "mock", model = "bench-upstream", weight = 1 } ]')
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+@contextmanager
+def process(args: Sequence[str], cpu: str, port: int, log: Path | None = None,
+            env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    out = log.open("wb") if log else subprocess.DEVNULL
+    proc = subprocess.Popen(["taskset", "-c", cpu, *args], cwd=ROOT, stdout=out,
+                            stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    try:
+        wait_port(port)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        if log:
+            out.close()  # type: ignore[union-attr]
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wrk(url: str, connections: int, seconds: float, script: Path,
+        pid: int | None = None) -> dict[str, float]:
+    cpu_before = cpu_seconds(pid) if pid else 0.0
+    result = subprocess.run(
+        ["taskset", "-c", LOAD_CPU, "wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s",
+         "--latency", "-s", str(script), url],
+        capture_output=True, text=True, check=True)
+    text = result.stdout
+    if "Non-2xx" in text or "Socket errors" in text:
+        raise RuntimeError(f"wrk saw errors against {url}:\n{text}")
+    stats = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", text)[1])}  # type: ignore[index]
+    count = int(re.search(r"(\d+) requests in", text)[1])  # type: ignore[index]
+    if pid:
+        stats["cpu_us"] = (cpu_seconds(pid) - cpu_before) * 1e6 / count
+    for pct, value, unit in re.findall(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)\s*$", text, re.M):
+        stats[f"p{pct}"] = float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
+    return stats
+
+
+async def stream_timings(url: str, requests: int, chunks: int, delay_ms: float
+                         ) -> tuple[list[float], list[float]]:
+    """Per-chunk delay from leaving the mock to reaching this client, and time to first byte."""
+    body = orjson.dumps({**CHAT, "stream": True,
+                         "bench": {"chunks": chunks, "delay_ms": delay_ms}})
+    lags: list[float] = []
+    ttfb: list[float] = []
+    async with aiohttp.ClientSession() as session:
+        for _ in range(requests):
+            started = time.monotonic_ns()
+            async with session.post(url, data=body,
+                                    headers={"Content-Type": "application/json"}) as response:
+                assert response.status == 200, await response.text()
+                buffer = b""
+                first = True
+                async for chunk in response.content.iter_any():
+                    now = time.monotonic_ns()
+                    if first:
+                        ttfb.append((now - started) / 1e6)
+                        first = False
+                    buffer += chunk
+                    *events, buffer = buffer.split(b"\n\n")
+                    for event in events:
+                        stamp = re.search(rb'"sent_ns":(\d+)', event)
+                        if stamp:
+                            lags.append((now - int(stamp[1])) / 1e6)
+    return lags, ttfb
+
+
+async def first_byte_times(urls: list[str], rounds: int, per_round: int) -> list[list[float]]:
+    """Time to the first body byte of short streams, alternating between the urls."""
+    body = orjson.dumps({**CHAT, "stream": True, "bench": {"chunks": 2, "delay_ms": 0}})
+    times: list[list[float]] = [[] for _ in urls]
+    async with aiohttp.ClientSession() as session:
+        for round_ in range(rounds + 1):
+            for i, url in enumerate(urls):
+                for _ in range(per_round):
+                    started = time.monotonic_ns()
+                    async with session.post(url, data=body, headers={
+                            "Content-Type": "application/json"}) as response:
+                        await response.content.readany()
+                        if round_:  # the first round warms connections up
+                            times[i].append((time.monotonic_ns() - started) / 1e6)
+                        await response.read()
+    return times
+
+
+async def hold_streams(url: str, count: int, chunks: int, delay_ms: float) -> int:
+    body = orjson.dumps({**CHAT, "stream": True,
+                         "bench": {"chunks": chunks, "delay_ms": delay_ms}})
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector,
+                                     timeout=aiohttp.ClientTimeout(total=120)) as session:
+        async def one() -> bool:
+            async with session.post(url, data=body,
+                                    headers={"Content-Type": "application/json"}) as response:
+                raw = await response.read()
+                return response.status == 200 and raw.endswith(b"data: [DONE]\n\n")
+
+        results = await asyncio.gather(*(one() for _ in range(count)), return_exceptions=True)
+    return sum(1 for r in results if r is True)
+
+
+def peak_rss_mb(pid: int) -> float:
+    # The server runs under taskset, which execs it: same pid.
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seconds", type=float, default=2, help="each throughput run")
+    parser.add_argument("--rounds", type=int, default=9, help="alternating runs per target")
+    parser.add_argument("--streams", type=int, default=1000)
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="sidecar-bench-"))
+    script = work / "post.lua"
+    script.write_text(
+        'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
+        f"wrk.body = [[{orjson.dumps(CHAT).decode()}]]\n")
+    mock_port, floor_port, one_port, three_port = (free_port() for _ in range(4))
+    env = {"BENCH_UPSTREAM_KEY": "sk-bench-not-a-real-key", "PYTHONUNBUFFERED": "1"}
+    configs = {}
+    for name, port, targets in (("one", one_port, ONE_TARGET), ("three", three_port,
+                                                                  THREE_TARGETS)):
+        path = work / f"{name}.toml"
+        path.write_text(SIDECAR_CONFIG.format(port=port, mock=mock_port, targets=targets))
+        configs[name] = path
+
+    rows: list[tuple[str, str, str, str, str]] = []
+    with process([PY, "-m", "tests.bench.mock", str(mock_port)], LOAD_CPU, mock_port), \
+         process([PY, "-m", "tests.bench.floor", f"http://127.0.0.1:{mock_port}/v1",
+                  str(floor_port)], SERVER_CPU, floor_port) as floor, \
+         process([PY, "-m", "sidecar", "serve", "--config", str(configs["one"])], SERVER_CPU,
+                 one_port, work / "sidecar.log", env) as sidecar, \
+         process([PY, "-m", "sidecar", "serve", "--config", str(configs["three"])], SERVER_CPU,
+                 three_port, work / "sidecar3.log", env) as sidecar3:
+        direct = f"http://127.0.0.1:{mock_port}/v1/chat/completions"
+        urls = {"floor": f"http://127.0.0.1:{floor_port}/v1/chat/completions",
+                "sidecar": f"http://127.0.0.1:{one_port}/v1/chat/completions",
+                "sidecar3": f"http://127.0.0.1:{three_port}/v1/chat/completions"}
+        for url in urls.values():  # warm up pools and code paths
+            wrk(url, 8, 1, script)
+
+        # This machine is shared and noisy: short runs, alternated, compared pair by pair.
+        pids = {"floor": floor.pid, "sidecar": sidecar.pid, "sidecar3": sidecar3.pid}
+        runs: dict[str, list[dict[str, float]]] = {name: [] for name in urls}
+        for _ in range(args.rounds):
+            for name, url in urls.items():
+                runs[name].append(wrk(url, 32, args.seconds, script, pids[name]))
+
+        def compare(label: str, base: str, other: str, goal: str) -> None:
+            rps = statistics.median(a["rps"] / b["rps"] for a, b in zip(runs[other], runs[base],
+                                                                         strict=True))
+            cpu = statistics.median(b["cpu_us"] / a["cpu_us"] for a, b in zip(runs[other],
+                                                                               runs[base],
+                                                                               strict=True))
+            base_rps, other_rps = (statistics.median(r["rps"] for r in runs[n])
+                                   for n in (base, other))
+            base_cpu, other_cpu = (statistics.median(r["cpu_us"] for r in runs[n])
+                                   for n in (base, other))
+            rows.append((label, f"{base_rps:,.0f}", f"{other_rps:,.0f}", f"{rps:.2f}", goal))
+            rows.append(("  the same as requests per CPU-second (1e6 / CPU-us per request)",
+                         f"{1e6 / base_cpu:,.0f}", f"{1e6 / other_cpu:,.0f}", f"{cpu:.2f}", goal))
+
+        compare("non-streamed chat, req/s (c=32, server pinned to 1 core)", "floor", "sidecar",
+                ">= 0.80")
+        compare("3 weighted targets vs 1 target (both llm-sidecar)", "sidecar", "sidecar3",
+                ">= 0.95")
+
+        lat = {"direct": [], "floor": [], "sidecar": []}  # type: dict[str, list[dict[str, float]]]
+        for _ in range(args.rounds):
+            lat["direct"].append(wrk(direct, 1, 4, script))
+            lat["floor"].append(wrk(urls["floor"], 1, 4, script))
+            lat["sidecar"].append(wrk(urls["sidecar"], 1, 4, script))
+        for q in ("p50", "p99"):
+            base = statistics.median(r[q] for r in lat["direct"])
+            floor_add = statistics.median(r[q] for r in lat["floor"]) - base
+            side_add = statistics.median(r[q] for r in lat["sidecar"]) - base
+            rows.append((f"added latency {q}, ms (c=1; direct {base:.3f} ms)", f"{floor_add:.3f}",
+                         f"{side_add:.3f}", f"{side_add / floor_add:.2f}", "<= 1.30"))
+
+        direct_lags, _ = asyncio.run(stream_timings(direct, 10, 64, 20))
+        side_lags, _ = asyncio.run(stream_timings(urls["sidecar"], 10, 64, 20))
+        direct_ttfb, side_ttfb = asyncio.run(first_byte_times([direct, urls["sidecar"]], 5, 40))
+        rows.append(("stream: chunk leaves mock -> reaches client, p99 ms (64 x 20 ms)",
+                     f"{pct(direct_lags, 0.99):.3f} direct", f"{pct(side_lags, 0.99):.3f}",
+                     f"+{pct(side_lags, 0.99) - pct(direct_lags, 0.99):.3f} ms", "<= 2 ms"))
+        added_ttfb = statistics.median(side_ttfb) - statistics.median(direct_ttfb)
+        rows.append(("stream: time to first byte p50, ms (200 short streams)",
+                     f"{statistics.median(direct_ttfb):.3f} direct",
+                     f"{statistics.median(side_ttfb):.3f}", f"+{added_ttfb:.3f} ms", "<= 1 ms"))
+
+        held = asyncio.run(hold_streams(urls["sidecar"], args.streams, 10, 500))
+        rss = peak_rss_mb(sidecar.pid)
+        rows.append((f"{args.streams} concurrent streams (10 x 500 ms): completed, peak RSS",
+                     "", f"{held}/{args.streams}", f"{rss:.0f} MB", "all, < 250 MB"))
+
+    print(f"\nllm-sidecar gateway benchmark  (python {sys.version.split()[0]}, "
+          f"{os.cpu_count()} CPUs; servers on CPU {SERVER_CPU}, load on CPU {LOAD_CPU})\n")
+    header = ("measure", "floor: bare aiohttp proxy", "llm-sidecar", "ratio", "goal")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(5)]
+    line = "| " + " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)) + " |"
+    print(line)
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in rows:
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
