@@ -1,8 +1,10 @@
-"""The application factory: parts are built in cleanup contexts, in order, and torn down in
-reverse; nothing lives at module level."""
+"""The application factory: parts are built in cleanup contexts, in order (HTTP session, auth
+keys, upstreams), and torn down in reverse; nothing lives at module level."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
@@ -10,32 +12,66 @@ import aiohttp
 from aiohttp import web
 
 from sidecar.api import health, openai
-from sidecar.api.middleware import make_edge
+from sidecar.api.middleware import make_edge, make_guard
 from sidecar.backends.base import Backend
 from sidecar.backends.upstream_openai import OpenAIUpstream
 from sidecar.config import Settings
 from sidecar.gateway import Gateway, Readiness
-from sidecar.keys import GATEWAY, READINESS, SETTINGS
+from sidecar.keys import GATEWAY, HTTP, LIMITER, READINESS, SETTINGS, VERIFIER
 from sidecar.observability.logging import AccessLog, LineWriter
 from sidecar.routing.table import RouteTable
+from sidecar.security.jwt import JwksFetcher, Verifier, load_static_keys
+from sidecar.security.limits import Limiter
 
 
 def create_app(settings: Settings, log_writer: LineWriter | None = None) -> web.Application:
     """The app; request lines go to `log_writer` when one is given and logging.requests is on."""
     access_log = AccessLog(log_writer if settings.logging.requests else None)
+    verifier = Verifier(settings.auth) if settings.auth.mode == "jwt" else None
+    limiter = Limiter(settings.limits)
     app = web.Application(
-        middlewares=[make_edge(access_log)],
+        middlewares=[make_edge(access_log), make_guard(verifier, settings.auth, limiter)],
         client_max_size=settings.server.max_body_bytes,
-        handler_args={"max_field_size": 16 * 1024},
     )
     app[SETTINGS] = settings
     app[READINESS] = Readiness()
+    app[VERIFIER] = verifier
+    app[LIMITER] = limiter
+    app.cleanup_ctx.append(_http_session)
+    app.cleanup_ctx.append(_auth_keys)
     app.cleanup_ctx.append(_upstreams)
     app.on_startup.append(_mark_started)
     app.on_shutdown.append(_mark_draining)
     app.add_routes(openai.routes)
     app.add_routes(health.routes)
     return app
+
+
+async def _http_session(app: web.Application) -> AsyncIterator[None]:
+    """The sidecar's own outbound calls (a JWKS URL); upstreams have their own pools."""
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as session:
+        app[HTTP] = session
+        yield
+
+
+async def _auth_keys(app: web.Application) -> AsyncIterator[None]:
+    verifier = app[VERIFIER]
+    if verifier is None:
+        yield
+        return
+    auth = app[SETTINGS].auth
+    if auth.jwks_url:
+        fetcher = JwksFetcher(auth.jwks_url, auth, app[HTTP])
+        verifier.use_fetcher(fetcher)
+        await fetcher.refresh()  # not ready (readyz) until a key set arrives
+        refresher = asyncio.create_task(fetcher.run(), name="jwks-refresh")
+        yield
+        refresher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await refresher
+        return
+    verifier.use_keys(await asyncio.to_thread(load_static_keys, auth, app[SETTINGS].jwt_secret))
+    yield
 
 
 async def _upstreams(app: web.Application) -> AsyncIterator[None]:

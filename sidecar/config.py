@@ -46,6 +46,18 @@ class ServerSettings(Struct, kw_only=True, forbid_unknown_fields=True):
     heartbeat_s: PositiveFloat = 15.0
     # How long a stopping server waits for requests in flight before it closes them.
     shutdown_timeout_s: Annotated[float, Meta(ge=0)] = 30.0
+    # TLS: both set to serve HTTPS; a client CA to require client certificates (mTLS).
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    # A connection must deliver a request's headers within this long of opening, or of its
+    # previous answer (slowloris); it is also how long an idle keep-alive connection stays.
+    header_timeout_s: PositiveFloat = 15.0
+    # A request body must arrive within this long (slow POST).
+    body_timeout_s: PositiveFloat = 30.0
+    max_connections: Annotated[int, Meta(ge=1)] = 4096
+    max_headers: Annotated[int, Meta(ge=8)] = 100
+    max_header_bytes: Annotated[int, Meta(ge=1024)] = 16 * 1024
 
 
 class ProviderSettings(Struct, kw_only=True, forbid_unknown_fields=True):
@@ -75,6 +87,48 @@ class ModelSettings(Struct, kw_only=True, forbid_unknown_fields=True):
     targets: list[TargetSettings]
 
 
+Algorithm = Literal[
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA",
+    "HS256", "HS384", "HS512",
+]
+
+
+class AuthSettings(Struct, kw_only=True, forbid_unknown_fields=True):
+    mode: Literal["none", "jwt"] = "none"
+    # Pinned here; the token's own header never chooses.
+    algorithms: Annotated[list[Algorithm], Meta(min_length=1)] = msgspec.field(
+        default_factory=lambda: ["RS256"]
+    )
+    public_key_file: str | None = None
+    jwks_file: str | None = None
+    jwks_url: str | None = None
+    secret_env: str | None = None
+    issuer: str | None = None
+    audience: str | None = None
+    leeway_s: Annotated[float, Meta(ge=0, le=300)] = 30.0
+    tenant_claim: str = "sub"
+    scope_claim: str = "scope"
+    chat_scope: str = "sidecar:chat"
+    admin_scope: str = "sidecar:admin"
+    models_claim: str | None = "models"
+    # Needed to run without authentication on an address other than loopback.
+    allow_unauthenticated: bool = False
+    jwks_refresh_s: PositiveFloat = 300.0
+    # An unknown `kid` refetches the key set at most this often.
+    jwks_cooldown_s: PositiveFloat = 30.0
+    jwks_timeout_s: PositiveFloat = 5.0
+    # Verified tokens kept, so a token used again costs a dict look-up, not a signature check.
+    token_cache_size: Annotated[int, Meta(ge=0)] = 10_000
+
+
+class LimitsSettings(Struct, kw_only=True, forbid_unknown_fields=True):
+    requests_per_minute: Annotated[int, Meta(ge=0)] = 0  # per tenant; 0 = no limit
+    tokens_per_minute: Annotated[int, Meta(ge=0)] = 0  # per tenant; 0 = no limit
+    # Reserved for a request that names no max_tokens, until its usage settles the count.
+    default_max_tokens: Annotated[int, Meta(ge=1)] = 512
+    max_concurrent_requests: Annotated[int, Meta(ge=1)] = 512  # whole process
+
+
 class LoggingSettings(Struct, kw_only=True, forbid_unknown_fields=True):
     level: Literal["debug", "info", "warning", "error"] = "info"
     # One JSON line per request at info level.
@@ -86,9 +140,12 @@ class Settings(Struct, kw_only=True, forbid_unknown_fields=True):
     providers: dict[str, ProviderSettings] = {}
     models: dict[str, ModelSettings] = {}
     logging: LoggingSettings = msgspec.field(default_factory=LoggingSettings)
+    auth: AuthSettings = msgspec.field(default_factory=AuthSettings)
+    limits: LimitsSettings = msgspec.field(default_factory=LimitsSettings)
     # Filled in by load(): never read from the file.
     source: str = "<memory>"
     api_keys: dict[str, Secret] = {}
+    jwt_secret: Secret | None = None
 
 
 class ConfigError(Exception):
@@ -114,7 +171,7 @@ def load(path: str | os.PathLike[str]) -> Settings:
 
 
 def from_mapping(data: dict[str, object], *, source: str = "<memory>") -> Settings:
-    for reserved in ("source", "api_keys"):
+    for reserved in ("source", "api_keys", "jwt_secret"):
         if reserved in data:
             raise ConfigError(f"{source}: unknown key `{reserved}`")
     # Tables keyed by name are converted one entry at a time, so an error can say which entry.
@@ -133,8 +190,65 @@ def from_mapping(data: dict[str, object], *, source: str = "<memory>") -> Settin
     settings.models = tables["models"]
     settings.source = source
     _check(settings)
+    _check_server(settings)
+    _check_auth(settings)
     settings.api_keys = _resolve_keys(settings)
+    if settings.auth.mode == "jwt" and settings.auth.secret_env:
+        value = os.environ.get(settings.auth.secret_env, "")
+        if len(value) < 32:
+            raise ConfigError(
+                f"{source}: `auth.secret_env`: the environment variable {settings.auth.secret_env} "
+                "must hold a secret of at least 32 characters"
+            )
+        settings.jwt_secret = Secret(value)
     return settings
+
+
+LOOPBACK_HOSTS = ("localhost", "::1")
+
+
+def is_loopback(host: str) -> bool:
+    return host in LOOPBACK_HOSTS or host.startswith("127.")
+
+
+def _check_server(settings: Settings) -> None:
+    server, src = settings.server, settings.source
+    if bool(server.tls_cert) != bool(server.tls_key):
+        raise ConfigError(f"{src}: `server.tls_cert` and `server.tls_key` must be set together")
+    if server.tls_client_ca and not server.tls_cert:
+        raise ConfigError(f"{src}: `server.tls_client_ca` needs `server.tls_cert` and `tls_key`")
+
+
+def _check_auth(settings: Settings) -> None:
+    auth, src = settings.auth, settings.source
+    if auth.mode == "none":
+        if not is_loopback(settings.server.host) and not auth.allow_unauthenticated:
+            raise ConfigError(
+                f"{src}: `auth.mode`: \"none\" would let anyone who reaches "
+                f"{settings.server.host} use the configured keys; set auth.mode = \"jwt\", listen "
+                "on 127.0.0.1, or set auth.allow_unauthenticated = true to accept that"
+            )
+        return
+    sources = [name for name in ("public_key_file", "jwks_file", "jwks_url", "secret_env")
+               if getattr(auth, name)]
+    if len(sources) != 1:
+        raise ConfigError(
+            f"{src}: `auth`: set exactly one of public_key_file, jwks_file, jwks_url, secret_env "
+            f"(found {', '.join(sources) or 'none'})"
+        )
+    symmetric = {a for a in auth.algorithms if a.startswith("HS")}
+    if symmetric and len(symmetric) != len(auth.algorithms):
+        # Mixing both kinds is how a public key ends up verifying an HMAC.
+        raise ConfigError(f"{src}: `auth.algorithms`: do not mix HS* with public-key algorithms")
+    if bool(symmetric) != bool(auth.secret_env):
+        raise ConfigError(
+            f"{src}: `auth.algorithms`: HS* algorithms go with secret_env, and only with it"
+        )
+    if auth.jwks_url and urlsplit(auth.jwks_url).scheme not in ("http", "https"):
+        raise ConfigError(f"{src}: `auth.jwks_url`: expected an http:// or https:// URL")
+    for name in ("issuer", "audience"):
+        if not getattr(auth, name):
+            raise ConfigError(f"{src}: `auth.{name}`: required when auth.mode = \"jwt\"")
 
 
 def _convert(value: object, kind: type[T], source: str, prefix: str) -> T:

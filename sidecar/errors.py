@@ -13,6 +13,8 @@ class SidecarError(Exception):
     status = 500
     type = "server_error"
     code: str | None = None
+    # Close the connection after answering (the rest of the request cannot be trusted).
+    close_connection = False
 
     def __init__(
         self,
@@ -67,6 +69,13 @@ class MethodNotAllowed(SidecarError):
     status = 405
     type = "invalid_request_error"
     code = "method_not_allowed"
+
+
+class RequestTimeout(SidecarError):
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+    close_connection = True
 
 
 class PayloadTooLarge(SidecarError):

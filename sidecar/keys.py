@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import aiohttp
 from aiohttp import web
 
 if TYPE_CHECKING:
@@ -11,8 +12,13 @@ if TYPE_CHECKING:
 
 from sidecar.config import Settings
 from sidecar.observability.timing import RequestContext
+from sidecar.security.jwt import Verifier
+from sidecar.security.limits import Limiter
 
 SETTINGS = web.AppKey("settings", Settings)
+HTTP = web.AppKey("http", aiohttp.ClientSession)  # for the sidecar's own calls (a JWKS URL)
+VERIFIER: web.AppKey[Verifier | None] = web.AppKey("verifier")
+LIMITER = web.AppKey("limiter", Limiter)
 GATEWAY: web.AppKey[Gateway] = web.AppKey("gateway")
 READINESS: web.AppKey[Readiness] = web.AppKey("readiness")
 

@@ -125,7 +125,7 @@ def start_sidecar(config_text: str, workdir: Path, env: dict[str, str] | None = 
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         text = log_path.read_text(encoding="utf-8", errors="replace")
-        found = re.search(r'"address":"(http://[^"]+)"', text)
+        found = re.search(r'"address":"(https?://[^"]+)"', text)
         if found:
             return Sidecar(process, found[1], log_path)
         if process.poll() is not None:

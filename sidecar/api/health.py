@@ -6,7 +6,7 @@ import orjson
 from aiohttp import web
 
 from sidecar.api.http import JSON
-from sidecar.keys import READINESS
+from sidecar.keys import READINESS, VERIFIER
 
 routes = web.RouteTableDef()
 
@@ -23,9 +23,12 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     """Every part has started and the server is not draining."""
     readiness = request.app[READINESS]
-    if readiness.ready:
+    verifier = request.app[VERIFIER]
+    keys_ready = verifier is None or verifier.ready
+    if readiness.ready and keys_ready:
         return web.Response(body=orjson.dumps({"status": "ready"}), content_type=JSON)
-    reason = "draining" if readiness.draining else "starting"
+    reason = "draining" if readiness.draining else "starting" if not readiness.ready else (
+        "no signing keys yet")
     return web.Response(
         body=orjson.dumps({"status": "not_ready", "reason": reason}),
         status=503,

@@ -23,4 +23,6 @@ def error_response(error: SidecarError) -> web.Response:
     response = web.Response(body=error.to_json(), status=error.status, content_type=JSON)
     for name, value in error.headers.items():
         response.headers[name] = value
+    if error.close_connection:
+        response.force_close()
     return response

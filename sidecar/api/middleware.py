@@ -12,6 +12,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from sidecar.api.http import error_response
+from sidecar.config import AuthSettings
 from sidecar.errors import (
     MethodNotAllowed,
     PayloadTooLarge,
@@ -21,6 +22,8 @@ from sidecar.errors import (
 from sidecar.keys import CONTEXT, SETTINGS
 from sidecar.observability.logging import AccessLog, process_tag
 from sidecar.observability.timing import RequestContext, Timing
+from sidecar.security.jwt import ANONYMOUS, Forbidden, Unauthorized, Verifier
+from sidecar.security.limits import Limiter
 
 log = logging.getLogger("sidecar")
 _CLIENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -38,7 +41,7 @@ def make_edge(access_log: AccessLog) -> Middleware:
             rid = given
         else:
             rid = f"{prefix}{next(counter):08x}"
-        context = RequestContext(rid)
+        context = RequestContext(rid, ANONYMOUS)
         request[CONTEXT] = context
         timing = context.timing
         fields = context.fields
@@ -68,6 +71,52 @@ def make_edge(access_log: AccessLog) -> Middleware:
         return response
 
     return edge
+
+
+def make_guard(verifier: Verifier | None, auth: AuthSettings, limiter: Limiter) -> Middleware:
+    """Who may do what, and how much: the token (when auth is on) decides the tenant and its
+    scopes; then the process-wide cap and the tenant's request budget."""
+    chat_scope, admin_scope = auth.chat_scope, auth.admin_scope
+    requests = limiter.requests
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        path = request.path
+        if path.startswith("/v1/"):
+            needed = chat_scope
+        elif path.startswith("/admin"):
+            needed = admin_scope
+        else:
+            return await handler(request)
+        context = request[CONTEXT]
+        if verifier is not None:
+            principal = await verifier.verify(_bearer(request))
+            if needed not in principal.scopes:
+                raise Forbidden(f"The token lacks the `{needed}` scope this request needs.")
+            context.principal = principal
+            context.fields["tenant"] = principal.tenant
+        limiter.enter()
+        try:
+            if requests is not None:
+                requests.take(context.principal.tenant, 1)
+            return await handler(request)
+        finally:
+            limiter.leave()
+
+    return guard
+
+
+def _bearer(request: web.Request) -> str:
+    header = request.headers.get("Authorization")
+    if header is None:
+        raise Unauthorized("This request needs an `Authorization: Bearer <token>` header.",
+                           code="missing_token")
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise Unauthorized("The Authorization header must be `Bearer <token>`.",
+                           code="missing_token")
+    return token
 
 
 def _log(

@@ -3,6 +3,7 @@ write what comes back as JSON or as an SSE stream."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from functools import partial
@@ -13,8 +14,8 @@ from aiohttp import web
 
 from sidecar.api.http import JSON, json_bytes
 from sidecar.backends.base import Backend, Call
-from sidecar.errors import ModelNotFound, SidecarError
-from sidecar.keys import CONTEXT, GATEWAY
+from sidecar.errors import ModelNotFound, RequestTimeout, SidecarError
+from sidecar.keys import CONTEXT, GATEWAY, LIMITER, SETTINGS
 from sidecar.observability.timing import Timing
 from sidecar.protocol.requests import (
     ChatCompletionRequest,
@@ -26,6 +27,8 @@ from sidecar.protocol.requests import (
 )
 from sidecar.protocol.sse import DONE_FRAME
 from sidecar.protocol.sse import HEARTBEAT as HEARTBEAT_FRAME
+from sidecar.security.jwt import Forbidden
+from sidecar.security.limits import Budget
 
 routes = web.RouteTableDef()
 
@@ -38,7 +41,8 @@ _SSE_HEADERS = {
 
 @routes.get("/v1/models")
 async def list_models(request: web.Request) -> web.Response:
-    names = request.app[GATEWAY].routes.names()
+    principal = request[CONTEXT].principal
+    names = [n for n in request.app[GATEWAY].routes.names() if principal.may_use(n)]
     return web.Response(
         body=orjson.dumps({"object": "list", "data": [_model_card(n) for n in names]}),
         content_type=JSON,
@@ -48,7 +52,9 @@ async def list_models(request: web.Request) -> web.Response:
 @routes.get("/v1/models/{model:.+}")
 async def retrieve_model(request: web.Request) -> web.Response:
     name = request.match_info["model"]
-    if request.app[GATEWAY].routes.get(name) is None:
+    if request.app[GATEWAY].routes.get(name) is None or not request[CONTEXT].principal.may_use(
+        name
+    ):
         raise ModelNotFound(f"The model `{name}` does not exist.", param="model")
     return web.Response(body=orjson.dumps(_model_card(name)), content_type=JSON)
 
@@ -65,9 +71,13 @@ Schema = type[ChatCompletionRequest] | type[CompletionRequest] | type[EmbeddingR
 
 async def proxy(endpoint: str, schema: Schema, request: web.Request) -> web.StreamResponse:
     """The handler of every proxied endpoint (bound to one with functools.partial)."""
-    body = await request.read()
+    body = await _read_body(request)
     payload = decode_body(body)
     parsed = validate(payload, schema)
+    context = request[CONTEXT]
+    if not context.principal.may_use(parsed.model):
+        raise Forbidden(f"This token may not use the model `{parsed.model}`.",
+                        param="model", code="model_not_allowed")
     gateway = request.app[GATEWAY]
     route = gateway.routes.get(parsed.model)
     if route is None:
@@ -79,13 +89,15 @@ async def proxy(endpoint: str, schema: Schema, request: web.Request) -> web.Stre
     if target.model != parsed.model:
         payload["model"] = target.model
         body = orjson.dumps(payload)
-    context = request[CONTEXT]
     fields = context.fields
     fields["model"] = parsed.model
     fields["target"] = target.label
     call = Call(endpoint, body, context.request_id, context.timing)
     backend = gateway.backends[target.provider]
     extra = {"X-Sidecar-Target": target.label}
+    tokens = request.app[LIMITER].tokens
+    if tokens is not None:
+        return await _metered(request, tokens, parsed, backend, call, extra)
     if isinstance(parsed, Sampling) and parsed.stream:
         fields["stream"] = True
         return await _stream(request, backend, call, extra)
@@ -94,13 +106,81 @@ async def proxy(endpoint: str, schema: Schema, request: web.Request) -> web.Stre
     return response
 
 
+async def _read_body(request: web.Request) -> bytes:
+    if request.content.is_eof():  # usually the whole body came with the headers
+        return await request.read()
+    limit = request.app[SETTINGS].server.body_timeout_s
+    try:
+        async with asyncio.timeout(limit):
+            return await request.read()
+    except TimeoutError:
+        raise RequestTimeout(f"The request body did not arrive within {limit:g}s.") from None
+
+
+async def _metered(
+    request: web.Request,
+    tokens: Budget,
+    parsed: ChatCompletionRequest | CompletionRequest | EmbeddingRequest,
+    backend: Backend,
+    call: Call,
+    extra: dict[str, str],
+) -> web.StreamResponse:
+    """The same as an unmetered request, with the tenant's token budget: the prompt estimate
+    and max_tokens are reserved first and the reservation settled on the reported usage."""
+    tenant = request[CONTEXT].principal.tenant
+    reserved = _estimate_tokens(call.body, parsed, request.app[LIMITER].settings.default_max_tokens)
+    tokens.take(tenant, reserved)
+    usage: list[int] = []
+    try:
+        if isinstance(parsed, Sampling) and parsed.stream:
+            request[CONTEXT].fields["stream"] = True
+            return await _stream(request, backend, call, extra, usage)
+        body = await backend.complete(call)
+        usage.append(_total_tokens(body))
+        response = json_bytes(request, body)
+        response.headers.update(extra)
+        return response
+    finally:
+        used = usage[-1] if usage and usage[-1] >= 0 else (0 if not usage else reserved)
+        tokens.give_back(tenant, reserved - used)
+
+
+def _estimate_tokens(
+    body: bytes,
+    parsed: ChatCompletionRequest | CompletionRequest | EmbeddingRequest,
+    default_max_tokens: int,
+) -> int:
+    prompt = len(body) // 4  # about four bytes of JSON per token
+    if isinstance(parsed, EmbeddingRequest):
+        return prompt
+    limit = parsed.max_tokens
+    if isinstance(parsed, ChatCompletionRequest) and parsed.max_completion_tokens is not None:
+        limit = parsed.max_completion_tokens
+    return prompt + (limit or default_max_tokens) * (parsed.n or 1)
+
+
+def _total_tokens(body: bytes) -> int:
+    """`usage.total_tokens` of a response or chunk, or -1 when it has none."""
+    try:
+        usage = orjson.loads(body).get("usage")
+    except (orjson.JSONDecodeError, AttributeError):
+        return -1
+    if isinstance(usage, dict) and isinstance(usage.get("total_tokens"), int):
+        return int(usage["total_tokens"])
+    return -1
+
+
 routes.post("/v1/chat/completions")(partial(proxy, "chat/completions", ChatCompletionRequest))
 routes.post("/v1/completions")(partial(proxy, "completions", CompletionRequest))
 routes.post("/v1/embeddings")(partial(proxy, "embeddings", EmbeddingRequest))
 
 
 async def _stream(
-    request: web.Request, backend: Backend, call: Call, extra: dict[str, str]
+    request: web.Request,
+    backend: Backend,
+    call: Call,
+    extra: dict[str, str],
+    usage: list[int] | None = None,
 ) -> web.StreamResponse:
     events = backend.stream(call)
     try:
@@ -114,7 +194,10 @@ async def _stream(
         try:
             if first is not None:
                 await response.write(_frame(first))
-                await _pump(response, events)
+                if usage is None:
+                    await _pump(response, events)
+                else:
+                    await _pump_metered(response, events, usage)
             await response.write(DONE_FRAME)
         except SidecarError as exc:
             # Past the first byte the status is spent: say what happened in the stream and
@@ -135,6 +218,15 @@ async def _pump(response: web.StreamResponse, events: AsyncIterator[bytes]) -> N
     write = response.write
     async for data in events:
         await write(_frame(data))
+
+
+async def _pump_metered(
+    response: web.StreamResponse, events: AsyncIterator[bytes], usage: list[int]
+) -> None:
+    async for data in events:
+        if b'"usage":{' in data:
+            usage.append(_total_tokens(data))
+        await response.write(_frame(data))
 
 
 async def _open_stream(

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from time import perf_counter
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sidecar.security.jwt import Principal
 
 
 class Timing:
@@ -21,11 +25,13 @@ class Timing:
 
 
 class RequestContext:
-    """What the edge knows about a request: its id, its timing, and fields for its log line."""
+    """What the edge knows about a request: its id, its timing, who it acts for (set by the
+    guard once a token is verified), and fields for its log line."""
 
-    __slots__ = ("fields", "request_id", "timing")
+    __slots__ = ("fields", "principal", "request_id", "timing")
 
-    def __init__(self, request_id: str) -> None:
+    def __init__(self, request_id: str, principal: Principal) -> None:
         self.request_id = request_id
         self.timing = Timing()
+        self.principal = principal
         self.fields: dict[str, object] = {}

@@ -1,0 +1,1 @@
+"""Who may use the sidecar, over what channel, and how much."""

@@ -1,0 +1,92 @@
+"""The connection layer: a cap on open connections, header limits answered with 431, protocol
+errors in the OpenAI shape, and a check that aiohttp's C HTTP parser is the one in use."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from aiohttp import http_exceptions, http_parser, web
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
+
+from sidecar.errors import error_body
+
+log = logging.getLogger("sidecar.edge")
+
+
+def c_parser_in_use() -> bool:
+    try:
+        from aiohttp._http_parser import (  # type: ignore[import-not-found]
+            HttpRequestParser as CParser,
+        )
+    except ImportError:
+        return False
+    return bool(http_parser.HttpRequestParser is CParser)
+
+
+class EdgeHandler(RequestHandler):
+    """aiohttp's protocol handler with our answers to what goes wrong below HTTP."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        server = self._manager
+        if isinstance(server, EdgeServer) and len(server.connections) > server.max_connections:
+            server.refused += 1
+            self.force_close()
+            if isinstance(transport, asyncio.Transport):
+                transport.abort()
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        response = super().handle_error(request, status, exc, message)
+        if isinstance(exc, http_exceptions.LineTooLong) or (
+            isinstance(exc, http_exceptions.BadHttpMessage) and "Too many headers" in str(exc)
+        ):
+            status = 431
+            text = "The request's headers are too large or too many."
+            code = "request_header_fields_too_large"
+        elif status < 500:
+            text = f"The request is not valid HTTP: {type(exc).__name__ if exc else 'bad request'}."
+            code = "bad_http_request"
+        else:
+            return response
+        body = error_body(text, "invalid_request_error", None, code)
+        answer = web.json_response(body, status=status)
+        answer.force_close()
+        return answer
+
+
+class EdgeServer(web.Server):
+    def __init__(self, *args: Any, max_connections: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_connections = max_connections
+        self.refused = 0
+
+    def __call__(self) -> RequestHandler:
+        return EdgeHandler(self, loop=self._loop, **self._kwargs)
+
+
+class EdgeRunner(web.AppRunner):
+    """An AppRunner whose connections are served by EdgeHandler."""
+
+    def __init__(self, app: web.Application, *, max_connections: int, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self._max_connections = max_connections
+
+    async def _make_server(self) -> web.Server:
+        plain = await super()._make_server()
+        return EdgeServer(
+            plain.request_handler,
+            request_factory=plain.request_factory,
+            handler_cancellation=plain.handler_cancellation,
+            loop=asyncio.get_running_loop(),
+            max_connections=self._max_connections,
+            **plain._kwargs,
+        )
