@@ -12,7 +12,7 @@ import aiohttp
 from aiohttp import web
 
 from sidecar.api import health, openai
-from sidecar.api.middleware import make_edge, make_guard
+from sidecar.api.middleware import Guard, make_edge
 from sidecar.backends.base import Backend
 from sidecar.backends.upstream_openai import OpenAIUpstream
 from sidecar.config import Settings
@@ -30,7 +30,7 @@ def create_app(settings: Settings, log_writer: LineWriter | None = None) -> web.
     verifier = Verifier(settings.auth) if settings.auth.mode == "jwt" else None
     limiter = Limiter(settings.limits)
     app = web.Application(
-        middlewares=[make_edge(access_log), make_guard(verifier, settings.auth, limiter)],
+        middlewares=[make_edge(access_log, Guard(verifier, settings.auth, limiter))],
         client_max_size=settings.server.max_body_bytes,
     )
     app[SETTINGS] = settings

@@ -154,3 +154,46 @@ def test_health_needs_no_token(secured: Sidecar) -> None:
 
 def test_server_is_healthy_after_every_refusal(secured: Sidecar, issuer: Issuer) -> None:
     assert call(secured, issuer.token()).status_code == 200
+
+
+def test_token_minted_by_the_cli_is_accepted(secured: Sidecar, issuer: Issuer,
+                                             tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    key = tmp_path / "issuer-key.pem"
+    key.write_bytes(issuer.private_pem)
+    minted = subprocess.run(
+        [sys.executable, "-m", "sidecar", "token", "--key", str(key), "--issuer", ISSUER,
+         "--audience", AUDIENCE, "--sub", "cli-user", "--models", "gpt-test", "--ttl", "60",
+         "--kid", issuer.kid], cwd=ROOT, capture_output=True, text=True, timeout=30, check=True)
+    token = minted.stdout.strip()
+    assert call(secured, token).status_code == 200
+    assert call(secured, token, model="mock-gpt").status_code == 403
+
+
+def test_hs256_with_a_secret_from_the_environment(mock_upstream: MockUpstream,
+                                                  tmp_path: Path) -> None:
+    import jwt
+
+    secret = "s" * 40
+    config = base_config(mock_upstream) + f"""
+[auth]
+mode = "jwt"
+algorithms = ["HS256"]
+secret_env = "SIDECAR_JWT_SECRET"
+issuer = "{ISSUER}"
+audience = "{AUDIENCE}"
+"""
+    sidecar = start_sidecar(config, tmp_path, env={"SIDECAR_JWT_SECRET": secret})
+    try:
+        now = int(time.time())
+        claims = {"iss": ISSUER, "aud": AUDIENCE, "sub": "h", "iat": now, "exp": now + 60,
+                  "scope": "sidecar:chat"}
+        assert call(sidecar, jwt.encode(claims, secret, algorithm="HS256")).status_code == 200
+        forged = jwt.encode(claims, "x" * 40, algorithm="HS256")
+        assert_401(call(sidecar, forged), "signature")
+    finally:
+        sidecar.stop()

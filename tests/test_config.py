@@ -121,3 +121,38 @@ def test_api_key_file_is_read_and_stripped(tmp_path: Path) -> None:
                                         f'base_url = "http://127.0.0.1:9/v1"\n'
                                         f'api_key_file = "{keyfile}"'))
     assert config.load(path).api_keys["up"].reveal() == "sk-from-file"
+
+
+def test_no_auth_is_refused_off_loopback_unless_asked_for(tmp_path: Path) -> None:
+    open_text = "[server]\nhost = '0.0.0.0'\n" + GOOD
+    with pytest.raises(ConfigError) as caught:
+        config.load(write(tmp_path, open_text))
+    assert "`auth.mode`" in str(caught.value) and "allow_unauthenticated" in str(caught.value)
+    allowed = open_text + "\n[auth]\nallow_unauthenticated = true\n"
+    assert config.load(write(tmp_path, allowed)).auth.allow_unauthenticated
+
+
+@pytest.mark.parametrize(("auth", "expected"), [
+    ('mode = "jwt"\nissuer = "i"\naudience = "a"', "set exactly one of"),
+    ('mode = "jwt"\npublic_key_file = "k"\njwks_url = "http://x/"\nissuer = "i"\naudience = "a"',
+     "set exactly one of"),
+    ('mode = "jwt"\npublic_key_file = "k"\naudience = "a"', "`auth.issuer`: required"),
+    ('mode = "jwt"\nalgorithms = ["RS256", "HS256"]\nsecret_env = "S"\nissuer = "i"\n'
+     'audience = "a"', "do not mix"),
+    ('mode = "jwt"\nalgorithms = ["HS256"]\npublic_key_file = "k"\nissuer = "i"\naudience = "a"',
+     "HS* algorithms go with secret_env"),
+    ('mode = "jwt"\nalgorithms = ["none"]\npublic_key_file = "k"\nissuer = "i"\naudience = "a"',
+     "`auth.algorithms[0]`"),
+])
+def test_auth_settings_are_checked(tmp_path: Path, auth: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        config.load(write(tmp_path, GOOD + "\n[auth]\n" + auth + "\n"))
+    assert expected in str(caught.value)
+
+
+def test_short_hmac_secret_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("JWT_SECRET", "too-short")
+    auth = ('\n[auth]\nmode = "jwt"\nalgorithms = ["HS256"]\nsecret_env = "JWT_SECRET"\n'
+            'issuer = "i"\naudience = "a"\n')
+    with pytest.raises(ConfigError, match="at least 32 characters"):
+        config.load(write(tmp_path, GOOD + auth))

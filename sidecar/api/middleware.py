@@ -16,6 +16,7 @@ from sidecar.config import AuthSettings
 from sidecar.errors import (
     MethodNotAllowed,
     PayloadTooLarge,
+    RateLimited,
     RouteNotFound,
     SidecarError,
 )
@@ -29,7 +30,7 @@ log = logging.getLogger("sidecar")
 _CLIENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
-def make_edge(access_log: AccessLog) -> Middleware:
+def make_edge(access_log: AccessLog, guard: Guard) -> Middleware:
     # Ids are a per-process random tag and a counter: unique across a fleet, and cheap.
     prefix = f"req_{process_tag()}"
     counter = itertools.count(1)
@@ -47,7 +48,14 @@ def make_edge(access_log: AccessLog) -> Middleware:
         fields = context.fields
         response: web.StreamResponse
         try:
-            response = await handler(request)
+            if guard.applies(request.path):
+                await guard.admit(request, context)
+                try:
+                    response = await handler(request)
+                finally:
+                    guard.release()
+            else:
+                response = await handler(request)
         except SidecarError as exc:
             response = error_response(exc)
         except web.HTTPException as exc:
@@ -73,37 +81,42 @@ def make_edge(access_log: AccessLog) -> Middleware:
     return edge
 
 
-def make_guard(verifier: Verifier | None, auth: AuthSettings, limiter: Limiter) -> Middleware:
+class Guard:
     """Who may do what, and how much: the token (when auth is on) decides the tenant and its
-    scopes; then the process-wide cap and the tenant's request budget."""
-    chat_scope, admin_scope = auth.chat_scope, auth.admin_scope
-    requests = limiter.requests
+    scopes; then the process-wide cap and the tenant's request budget. Called by the edge
+    middleware around the handler rather than as a middleware of its own: one layer less on
+    every request."""
 
-    @web.middleware
-    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-        path = request.path
-        if path.startswith("/v1/"):
-            needed = chat_scope
-        elif path.startswith("/admin"):
-            needed = admin_scope
-        else:
-            return await handler(request)
-        context = request[CONTEXT]
-        if verifier is not None:
-            principal = await verifier.verify(_bearer(request))
+    def __init__(self, verifier: Verifier | None, auth: AuthSettings, limiter: Limiter) -> None:
+        self._verifier = verifier
+        self._chat_scope = auth.chat_scope
+        self._admin_scope = auth.admin_scope
+        self._limiter = limiter
+        self._requests = limiter.requests
+
+    @staticmethod
+    def applies(path: str) -> bool:
+        return path.startswith(("/v1/", "/admin"))
+
+    async def admit(self, request: web.Request, context: RequestContext) -> None:
+        """Raise the refusal, or count the request in (then `release` must follow)."""
+        if self._verifier is not None:
+            needed = self._chat_scope if request.path.startswith("/v1/") else self._admin_scope
+            principal = await self._verifier.verify(_bearer(request))
             if needed not in principal.scopes:
                 raise Forbidden(f"The token lacks the `{needed}` scope this request needs.")
             context.principal = principal
             context.fields["tenant"] = principal.tenant
-        limiter.enter()
-        try:
-            if requests is not None:
-                requests.take(context.principal.tenant, 1)
-            return await handler(request)
-        finally:
-            limiter.leave()
+        self._limiter.enter()
+        if self._requests is not None:
+            try:
+                self._requests.take(context.principal.tenant, 1)
+            except RateLimited:
+                self._limiter.leave()
+                raise
 
-    return guard
+    def release(self) -> None:
+        self._limiter.leave()
 
 
 def _bearer(request: web.Request) -> str:

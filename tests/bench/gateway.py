@@ -21,7 +21,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import aiohttp
+import jwt
 import orjson
+
+from sidecar.security.certs import generate_issuer
 
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
@@ -40,6 +43,9 @@ heartbeat_s = 15
 level = "info"
 requests = true
 
+[limits]
+max_concurrent_requests = 4096   # the default, 512, would answer the 1,000-stream row with 503s
+
 [providers.mock]
 kind = "openai"
 base_url = "http://127.0.0.1:{mock}/v1"
@@ -49,6 +55,14 @@ api_key_env = "BENCH_UPSTREAM_KEY"
 targets = {targets}
 """
 ONE_TARGET = '[ { provider = "mock", model = "bench-upstream", weight = 1 } ]'
+JWT_AUTH = """
+[auth]
+mode = "jwt"
+algorithms = ["RS256"]
+public_key_file = "{public}"
+issuer = "https://idp.bench/"
+audience = "llm-sidecar"
+"""
 THREE_TARGETS = ('[ { provider = "mock", model = "bench-upstream", weight = 3 }, '
                  '{ provider = "mock", model = "bench-upstream", weight = 1 }, '
                  '{ provider = "mock", model = "bench-upstream", weight = 1 } ]')
@@ -194,6 +208,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=2, help="each throughput run")
     parser.add_argument("--rounds", type=int, default=9, help="alternating runs per target")
+    parser.add_argument("--latency-rounds", type=int, default=15,
+                        help="alternating c=1 runs per target (p99 is the noisiest figure)")
     parser.add_argument("--streams", type=int, default=1000)
     args = parser.parse_args()
 
@@ -202,13 +218,22 @@ def main() -> int:
     script.write_text(
         'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
         f"wrk.body = [[{orjson.dumps(CHAT).decode()}]]\n")
-    mock_port, floor_port, one_port, three_port = (free_port() for _ in range(4))
+    private, public, _ = generate_issuer(work / "issuer")
+    now = int(time.time())
+    token = jwt.encode({"iss": "https://idp.bench/", "aud": "llm-sidecar", "sub": "bench",
+                        "iat": now, "exp": now + 3600, "scope": "sidecar:chat"},
+                       private.read_bytes(), algorithm="RS256")
+    jwt_script = work / "post-jwt.lua"
+    jwt_script.write_text(script.read_text()
+                          + f'wrk.headers["Authorization"] = "Bearer {token}"\n')
+    mock_port, floor_port, one_port, three_port, jwt_port = (free_port() for _ in range(5))
     env = {"BENCH_UPSTREAM_KEY": "sk-bench-not-a-real-key", "PYTHONUNBUFFERED": "1"}
     configs = {}
-    for name, port, targets in (("one", one_port, ONE_TARGET), ("three", three_port,
-                                                                  THREE_TARGETS)):
+    for name, port, targets, auth in (
+            ("one", one_port, ONE_TARGET, ""), ("three", three_port, THREE_TARGETS, ""),
+            ("jwt", jwt_port, ONE_TARGET, JWT_AUTH.format(public=public))):
         path = work / f"{name}.toml"
-        path.write_text(SIDECAR_CONFIG.format(port=port, mock=mock_port, targets=targets))
+        path.write_text(SIDECAR_CONFIG.format(port=port, mock=mock_port, targets=targets) + auth)
         configs[name] = path
 
     rows: list[tuple[str, str, str, str, str]] = []
@@ -218,20 +243,25 @@ def main() -> int:
          process([PY, "-m", "sidecar", "serve", "--config", str(configs["one"])], SERVER_CPU,
                  one_port, work / "sidecar.log", env) as sidecar, \
          process([PY, "-m", "sidecar", "serve", "--config", str(configs["three"])], SERVER_CPU,
-                 three_port, work / "sidecar3.log", env) as sidecar3:
+                 three_port, work / "sidecar3.log", env) as sidecar3, \
+         process([PY, "-m", "sidecar", "serve", "--config", str(configs["jwt"])], SERVER_CPU,
+                 jwt_port, work / "sidecar-jwt.log", env) as sidecar_jwt:
         direct = f"http://127.0.0.1:{mock_port}/v1/chat/completions"
         urls = {"floor": f"http://127.0.0.1:{floor_port}/v1/chat/completions",
                 "sidecar": f"http://127.0.0.1:{one_port}/v1/chat/completions",
-                "sidecar3": f"http://127.0.0.1:{three_port}/v1/chat/completions"}
-        for url in urls.values():  # warm up pools and code paths
-            wrk(url, 8, 1, script)
+                "sidecar3": f"http://127.0.0.1:{three_port}/v1/chat/completions",
+                "sidecar_jwt": f"http://127.0.0.1:{jwt_port}/v1/chat/completions"}
+        scripts = {name: jwt_script if name == "sidecar_jwt" else script for name in urls}
+        for name, url in urls.items():  # warm up pools and code paths
+            wrk(url, 8, 1, scripts[name])
 
         # This machine is shared and noisy: short runs, alternated, compared pair by pair.
-        pids = {"floor": floor.pid, "sidecar": sidecar.pid, "sidecar3": sidecar3.pid}
+        pids = {"floor": floor.pid, "sidecar": sidecar.pid, "sidecar3": sidecar3.pid,
+                "sidecar_jwt": sidecar_jwt.pid}
         runs: dict[str, list[dict[str, float]]] = {name: [] for name in urls}
         for _ in range(args.rounds):
             for name, url in urls.items():
-                runs[name].append(wrk(url, 32, args.seconds, script, pids[name]))
+                runs[name].append(wrk(url, 32, args.seconds, scripts[name], pids[name]))
 
         def compare(label: str, base: str, other: str, goal: str) -> None:
             rps = statistics.median(a["rps"] / b["rps"] for a, b in zip(runs[other], runs[base],
@@ -251,9 +281,11 @@ def main() -> int:
                 ">= 0.80")
         compare("3 weighted targets vs 1 target (both llm-sidecar)", "sidecar", "sidecar3",
                 ">= 0.95")
+        compare("JWT (RS256) on vs auth off (both llm-sidecar)", "sidecar", "sidecar_jwt",
+                ">= 0.90")
 
         lat: dict[str, list[dict[str, float]]] = {"direct": [], "floor": [], "sidecar": []}
-        for _ in range(args.rounds):
+        for _ in range(args.latency_rounds):
             lat["direct"].append(wrk(direct, 1, args.seconds, script))
             lat["floor"].append(wrk(urls["floor"], 1, args.seconds, script))
             lat["sidecar"].append(wrk(urls["sidecar"], 1, args.seconds, script))
