@@ -11,14 +11,16 @@ from urllib.parse import urlsplit
 import aiohttp
 from aiohttp import web
 
-from sidecar.api import health, openai
+from sidecar.api import admin, health, openai
 from sidecar.api.middleware import Guard, make_edge
 from sidecar.backends.base import Backend
 from sidecar.backends.upstream_openai import OpenAIUpstream
 from sidecar.config import Settings
 from sidecar.gateway import Gateway, Readiness
-from sidecar.keys import GATEWAY, HTTP, LIMITER, READINESS, SETTINGS, VERIFIER
+from sidecar.keys import GATEWAY, HTTP, LIMITER, READINESS, ROUTE_STATE, SETTINGS, VERIFIER
 from sidecar.observability.logging import AccessLog, LineWriter
+from sidecar.routing.router import Router
+from sidecar.routing.state import RouteState
 from sidecar.routing.table import RouteTable
 from sidecar.security.jwt import JwksFetcher, Verifier, load_static_keys
 from sidecar.security.limits import Limiter
@@ -42,7 +44,9 @@ def create_app(settings: Settings, log_writer: LineWriter | None = None) -> web.
     app.cleanup_ctx.append(_upstreams)
     app.on_startup.append(_mark_started)
     app.on_shutdown.append(_mark_draining)
+    app[ROUTE_STATE] = RouteState(settings.routing.state_file)
     app.add_routes(openai.routes)
+    app.add_routes(admin.routes)
     app.add_routes(health.routes)
     return app
 
@@ -104,13 +108,36 @@ async def _upstreams(app: web.Application) -> AsyncIterator[None]:
                 session,
                 settings.server.heartbeat_s,
             )
-        app[GATEWAY] = Gateway(RouteTable.from_settings(settings), backends)
+        table = RouteTable.from_settings(settings)
+        state = app[ROUTE_STATE]
+        state.apply(table, await asyncio.to_thread(state.read))
+        gateway = app[GATEWAY] = Gateway(table, backends, Router(settings.routing))
+        interval = settings.routing.probe_interval_s
+        prober = asyncio.create_task(_probe(gateway, interval), name="probe") if interval else None
         yield
+        if prober is not None:
+            prober.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await prober
     finally:
         for backend in backends.values():
             await backend.close()
         for session in sessions.values():
             await session.close()
+
+
+async def _probe(gateway: Gateway, interval: float) -> None:
+    """Ask every backend, every `interval`, whether it answers at all; one that does not
+    gets no traffic until it does."""
+    names = list(gateway.backends)
+    while True:
+        answers = await asyncio.gather(*(gateway.backends[n].probe() for n in names))
+        for name, ok in zip(names, answers, strict=True):
+            if ok:
+                gateway.router.provider_up(name)
+            else:
+                gateway.router.provider_down(name, interval * 1.5, "unreachable by probe")
+        await asyncio.sleep(interval)
 
 
 async def _mark_started(app: web.Application) -> None:

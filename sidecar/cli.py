@@ -1,8 +1,9 @@
-"""The `sidecar` command: serve, check-config, token, gen-key, gen-cert."""
+"""The `sidecar` command: serve, check-config, routes, token, gen-key, gen-cert."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections.abc import Sequence
 
@@ -25,6 +26,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     check = commands.add_parser("check-config", help="validate a config and print its routes")
     check.add_argument("path", nargs="?", help="config file (default: as for serve)")
+
+    routes = commands.add_parser("routes", help="show or change live weights of a running "
+                                 "sidecar")
+    routes.add_argument("action", choices=["show", "set"])
+    routes.add_argument("model", nargs="?", help="(set) the public model to change")
+    routes.add_argument("weights", nargs="*", metavar="PROVIDER[/MODEL]=WEIGHT",
+                        help="(set) new weights")
+    routes.add_argument("--fallback-only", action="append", default=[], metavar="TARGET",
+                        help="(set) make a target fallback-only")
+    routes.add_argument("--in-rotation", action="append", default=[], metavar="TARGET",
+                        help="(set) put a fallback-only target back in rotation")
+    routes.add_argument("--url", help="the sidecar (default: from --config, else "
+                        "http://127.0.0.1:8080)")
+    routes.add_argument("--config", help="config file to take the address from")
+    routes.add_argument("--token-env", default="SIDECAR_TOKEN",
+                        help="environment variable holding an admin token (default: "
+                        "SIDECAR_TOKEN)")
 
     token = commands.add_parser("token", help="mint a token for development from a local key")
     token.add_argument("--config", help="take issuer, audience, algorithm and claim names "
@@ -56,9 +74,82 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(args)
     if args.command == "token":
         return _token(args)
+    if args.command == "routes":
+        return _routes(args)
     if args.command in ("gen-key", "gen-cert"):
         return _generate(args)
     return _check(args)
+
+
+def _routes(args: argparse.Namespace) -> int:
+    import json
+    import os
+    import urllib.error
+    import urllib.request
+
+    url = args.url
+    if not url:
+        host, port, scheme = "127.0.0.1", 8080, "http"
+        if args.config:
+            settings = _load(args.config)
+            if settings is None:
+                return 2
+            host, port = settings.server.host, settings.server.port
+            scheme = "https" if settings.server.tls_cert else "http"
+        url = f"{scheme}://{host}:{port}"
+    headers = {"Content-Type": "application/json"}
+    token = os.environ.get(args.token_env)
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    body = None
+    method = "GET"
+    if args.action == "set":
+        changes: dict[str, dict[str, object]] = {}
+        try:
+            for item in args.weights:
+                name, _, value = item.partition("=")
+                changes.setdefault(name, {})["weight"] = float(value)
+        except ValueError:
+            print("sidecar: weights are PROVIDER[/MODEL]=NUMBER", file=sys.stderr)
+            return 2
+        for name in args.fallback_only:
+            changes.setdefault(name, {})["fallback_only"] = True
+        for name in args.in_rotation:
+            changes.setdefault(name, {})["fallback_only"] = False
+        if not args.model or not changes:
+            print("sidecar: routes set MODEL PROVIDER[/MODEL]=WEIGHT ...", file=sys.stderr)
+            return 2
+        targets = []
+        for name, change in changes.items():
+            provider, _, model = name.partition("/")
+            targets.append({"provider": provider, **({"model": model} if model else {}),
+                            **change})
+        body = json.dumps({"model": args.model, "targets": targets}).encode()
+        method = "PUT"
+    if not url.startswith(("http://", "https://")):
+        print("sidecar: --url must be http:// or https://", file=sys.stderr)
+        return 2
+    request = urllib.request.Request(  # noqa: S310 (the scheme is checked above)
+        url.rstrip("/") + "/admin/api/routes", data=body, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+            answer = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode(errors="replace")
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            detail = json.loads(detail)["error"]["message"]
+        print(f"sidecar: {exc.code}: {detail}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"sidecar: cannot reach {url}: {exc}", file=sys.stderr)
+        return 1
+    models = answer.get("models", {answer.get("model"): answer.get("targets", [])})
+    for model, targets in models.items():
+        print(model)
+        for target in targets:
+            flag = "  (fallback only)" if target["fallback_only"] else ""
+            print(f"  {target['provider']}/{target['model']}  weight {target['weight']:g}{flag}")
+    return 0
 
 
 def _token(args: argparse.Namespace) -> int:

@@ -81,10 +81,25 @@ class TargetSettings(Struct, kw_only=True, forbid_unknown_fields=True):
     provider: str
     model: str | None = None
     weight: Annotated[float, Meta(ge=0)] = 1.0
+    # Used only when every other target failed or rests.
+    fallback_only: bool = False
 
 
 class ModelSettings(Struct, kw_only=True, forbid_unknown_fields=True):
     targets: list[TargetSettings]
+
+
+class RoutingSettings(Struct, kw_only=True, forbid_unknown_fields=True):
+    # A target that failed (connect error, 5xx, 429, timeout) this many times in a row rests
+    # cooldown_s (or as long as its Retry-After asks).
+    cooldown_s: PositiveFloat = 30.0
+    failures_before_cooldown: Annotated[int, Meta(ge=1)] = 3
+    # Retries and fallbacks together at most this share of requests (plus a small floor).
+    retry_budget_ratio: Annotated[float, Meta(ge=0, le=1)] = 0.2
+    # A cheap GET {base_url}/models per upstream this often; 0 turns probing off.
+    probe_interval_s: Annotated[float, Meta(ge=0)] = 15.0
+    # Live weight changes are kept here (not in the operator's TOML) and survive a restart.
+    state_file: str = "state/routes.json"
 
 
 Algorithm = Literal[
@@ -142,6 +157,7 @@ class Settings(Struct, kw_only=True, forbid_unknown_fields=True):
     logging: LoggingSettings = msgspec.field(default_factory=LoggingSettings)
     auth: AuthSettings = msgspec.field(default_factory=AuthSettings)
     limits: LimitsSettings = msgspec.field(default_factory=LimitsSettings)
+    routing: RoutingSettings = msgspec.field(default_factory=RoutingSettings)
     # Filled in by load(): never read from the file.
     source: str = "<memory>"
     api_keys: dict[str, Secret] = {}
@@ -302,6 +318,10 @@ def _check(settings: Settings) -> None:
         if all(t.weight == 0 for t in entry.targets):
             raise ConfigError(
                 f"{src}: `models.{model}.targets`: every weight is 0, so nothing can serve it"
+            )
+        if all(t.fallback_only for t in entry.targets):
+            raise ConfigError(
+                f"{src}: `models.{model}.targets`: every target is fallback_only"
             )
 
 

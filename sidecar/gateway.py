@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from sidecar.backends.base import Backend
+from sidecar.routing.router import Router
 from sidecar.routing.table import RouteTable
 
 
@@ -13,6 +14,7 @@ from sidecar.routing.table import RouteTable
 class Gateway:
     routes: RouteTable
     backends: Mapping[str, Backend]
+    router: Router
 
 
 @dataclass(slots=True)

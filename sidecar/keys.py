@@ -12,6 +12,7 @@ if TYPE_CHECKING:
 
 from sidecar.config import Settings
 from sidecar.observability.timing import RequestContext
+from sidecar.routing.state import RouteState
 from sidecar.security.jwt import Verifier
 from sidecar.security.limits import Limiter
 
@@ -19,6 +20,7 @@ SETTINGS = web.AppKey("settings", Settings)
 HTTP = web.AppKey("http", aiohttp.ClientSession)  # for the sidecar's own calls (a JWKS URL)
 VERIFIER: web.AppKey[Verifier | None] = web.AppKey("verifier")
 LIMITER = web.AppKey("limiter", Limiter)
+ROUTE_STATE = web.AppKey("route_state", RouteState)
 GATEWAY: web.AppKey[Gateway] = web.AppKey("gateway")
 READINESS: web.AppKey[Readiness] = web.AppKey("readiness")
 

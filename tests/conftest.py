@@ -43,7 +43,12 @@ def closed_port() -> int:
         return int(s.getsockname()[1])
 
 
-def base_config(mock: MockUpstream, *, server: str = "", extra: str = "") -> str:
+# The shared sidecar sees many deliberate failures: no cooldowns or probes unless a test asks.
+QUIET_ROUTING = "failures_before_cooldown = 1000\nprobe_interval_s = 0"
+
+
+def base_config(mock: MockUpstream, *, server: str = "", extra: str = "",
+                routing: str = QUIET_ROUTING) -> str:
     return f"""
 [server]
 host = "127.0.0.1"
@@ -74,6 +79,13 @@ targets = [ {{ provider = "mock" }} ]
 
 [models."dead"]
 targets = [ {{ provider = "dead", model = "nothing" }} ]
+
+[models."mock-429"]
+targets = [ {{ provider = "mock", model = "mock-429" }} ]
+
+[routing]
+state_file = "@STATE@"
+{routing}
 {extra}
 """
 
@@ -99,6 +111,15 @@ class Sidecar:
     def logs(self) -> str:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
 
+    def wait_for_log(self, text: str, timeout: float = 3) -> bool:
+        """Log lines are written by a thread a moment later; wait for one."""
+        deadline = time.monotonic() + timeout
+        while text not in self.logs():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+        return True
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
         if self.process.poll() is None:
             self.process.send_signal(sig)
@@ -113,7 +134,8 @@ class Sidecar:
 def start_sidecar(config_text: str, workdir: Path, env: dict[str, str] | None = None) -> Sidecar:
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / "sidecar.toml"
-    config.write_text(config_text, encoding="utf-8")
+    config.write_text(config_text.replace("@STATE@", str(workdir / "routes.json")),
+                      encoding="utf-8")
     log_path = workdir / "sidecar.log"
     full_env = {**os.environ, "MOCK_UPSTREAM_KEY": UPSTREAM_KEY, "PYTHONUNBUFFERED": "1",
                 **(env or {})}

@@ -153,7 +153,7 @@ def test_embeddings_are_forwarded(client: openai.OpenAI, upstream: MockUpstream)
 
 def test_models_lists_the_public_names(client: openai.OpenAI) -> None:
     names = {m.id for m in client.models.list()}
-    assert names == {"gpt-test", "mock-gpt", "dead"}
+    assert names == {"gpt-test", "mock-gpt", "dead", "mock-429"}
     assert client.models.retrieve("gpt-test").id == "gpt-test"
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("nope")

@@ -79,7 +79,7 @@ def test_429_asking_for_a_long_wait_is_passed_to_the_client(client: openai.OpenA
                                                             upstream: MockUpstream) -> None:
     started = time.monotonic()
     with pytest.raises(openai.RateLimitError) as caught:
-        client.chat.completions.create(model="gpt-test", messages=USER,  # type: ignore[arg-type]
+        client.chat.completions.create(model="mock-429", messages=USER,  # type: ignore[arg-type]
                                        extra_body={"mock": {"status": 429, "retry_after": 60}})
     assert time.monotonic() - started < 1
     assert caught.value.response.headers["retry-after"] == "60"

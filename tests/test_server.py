@@ -37,7 +37,7 @@ def test_sigterm_lets_a_stream_in_flight_finish_then_exits_zero(
     assert sidecar.stop() == 0
     reader.join(10)
     assert result["raw"].endswith(b"data: [DONE]\n\n")
-    assert '"msg":"stopped"' in sidecar.logs()
+    assert sidecar.wait_for_log('"msg":"stopped"')
 
 
 def test_bad_config_stops_start_up_with_one_line(tmp_path: Path) -> None:

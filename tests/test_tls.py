@@ -10,7 +10,6 @@ import ssl
 import stat
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -152,9 +151,7 @@ def test_sighup_reloads_the_certificate_without_a_restart(mock_upstream: MockUps
         shutil.copy(fresh / "cert.pem", live / "cert.pem")
         shutil.copy(fresh / "key.pem", live / "key.pem")
         sidecar.process.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 5
-        while "certificate reloaded" not in sidecar.logs() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        assert sidecar.wait_for_log("certificate reloaded", timeout=5)
         after = served_serial(sidecar)
         assert after != before
         assert httpx.get(sidecar.url + "/healthz", verify=trust(fresh)).status_code == 200
@@ -171,10 +168,7 @@ def test_a_broken_certificate_on_reload_keeps_the_old_one(mock_upstream: MockUps
         before = served_serial(sidecar)
         (live / "cert.pem").write_text("not a certificate")
         sidecar.process.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 5
-        while "certificate reload failed" not in sidecar.logs() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert "certificate reload failed" in sidecar.logs()
+        assert sidecar.wait_for_log("certificate reload failed", timeout=5)
         assert served_serial(sidecar) == before
     finally:
         sidecar.stop()

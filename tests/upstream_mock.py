@@ -7,6 +7,7 @@ other field it does not understand:
     fail_first, key             fail the first N requests carrying this key, then answer normally
     disconnect                  close the connection without answering (with fail_first)
     delay_s                     wait this long before answering at all
+    only_models                 misbehave only when the upstream model id is in this list
     garbage                     answer 200 with a body that is not JSON
     chunks, chunk_delay         a stream of N content chunks, this many seconds apart
     silent_s                    wait this long after the stream's headers before the first chunk
@@ -113,6 +114,8 @@ class MockUpstream:
         self.requests.append(Seen(request.path, request.headers.copy(), body))
         mock = body.get("mock") or {}
         request[MOCK_KEY] = mock.get("key", "")
+        if "only_models" in mock and body.get("model") not in mock["only_models"]:
+            return body, None  # the misbehaviour is for other targets
         if mock.get("fail_first") is not None:
             key = str(mock.get("key", "default"))
             self._counters[key] = self._counters.get(key, 0) + 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from functools import partial
 from typing import Any
 
@@ -13,8 +13,9 @@ import orjson
 from aiohttp import web
 
 from sidecar.api.http import JSON, json_bytes
-from sidecar.backends.base import Backend, Call
+from sidecar.backends.base import Call
 from sidecar.errors import ModelNotFound, RequestTimeout, SidecarError
+from sidecar.gateway import Gateway
 from sidecar.keys import CONTEXT, GATEWAY, LIMITER, SETTINGS
 from sidecar.observability.timing import Timing
 from sidecar.protocol.requests import (
@@ -27,8 +28,8 @@ from sidecar.protocol.requests import (
 )
 from sidecar.protocol.sse import DONE_FRAME
 from sidecar.protocol.sse import HEARTBEAT as HEARTBEAT_FRAME
+from sidecar.routing.table import Route, Target
 from sidecar.security.jwt import Forbidden
-from sidecar.security.limits import Budget
 
 routes = web.RouteTableDef()
 
@@ -85,23 +86,98 @@ async def proxy(endpoint: str, schema: Schema, request: web.Request) -> web.Stre
             f"The model `{parsed.model}` does not exist or you do not have access to it.",
             param="model",
         )
-    target = route.choose()
-    if target.model != parsed.model:
-        payload["model"] = target.model
-        body = orjson.dumps(payload)
-    fields = context.fields
-    fields["model"] = parsed.model
-    fields["target"] = target.label
-    call = Call(endpoint, body, context.request_id, context.timing)
-    backend = gateway.backends[target.provider]
-    extra = {"X-Sidecar-Target": target.label}
+    context.fields["model"] = parsed.model
+    exchange = Exchange(endpoint, body, payload, parsed, route)
     tokens = request.app[LIMITER].tokens
-    if tokens is not None:
-        return await _metered(request, tokens, parsed, backend, call, extra)
-    if isinstance(parsed, Sampling) and parsed.stream:
+    if tokens is None:
+        return await _serve(request, gateway, exchange, None)
+    # The tenant's token budget: the prompt estimate and max_tokens are reserved first and
+    # the reservation settled on the usage the answer reports.
+    tenant = context.principal.tenant
+    reserved = _estimate_tokens(body, parsed, request.app[LIMITER].settings.default_max_tokens)
+    tokens.take(tenant, reserved)
+    usage: list[int] = []
+    try:
+        return await _serve(request, gateway, exchange, usage)
+    finally:
+        used = usage[-1] if usage and usage[-1] >= 0 else (0 if not usage else reserved)
+        tokens.give_back(tenant, reserved - used)
+
+
+class Exchange:
+    """One client request on its way to whichever target serves it."""
+
+    __slots__ = ("body", "endpoint", "parsed", "payload", "route")
+
+    def __init__(self, endpoint: str, body: bytes, payload: dict[str, Any],
+                 parsed: ChatCompletionRequest | CompletionRequest | EmbeddingRequest,
+                 route: Route) -> None:
+        self.endpoint = endpoint
+        self.body = body
+        self.payload = payload
+        self.parsed = parsed
+        self.route = route
+
+    def body_for(self, target: Target) -> bytes:
+        if target.model == self.parsed.model:
+            return self.body
+        self.payload["model"] = target.model
+        return orjson.dumps(self.payload)
+
+
+async def _serve(request: web.Request, gateway: Gateway, exchange: Exchange,
+                 usage: list[int] | None) -> web.StreamResponse:
+    """Try targets until one answers (the first byte, for a stream); then write its answer."""
+    context = request[CONTEXT]
+    router = gateway.router
+    router.budget.deposit()
+    parsed = exchange.parsed
+    streaming = isinstance(parsed, Sampling) and parsed.stream
+    tried: list[Target] = []
+    events: AsyncGenerator[bytes, None] | None = None
+    first: bytes | None = None
+    answer = b""
+    while True:
+        target = router.pick(exchange.route, tried)
+        call = Call(exchange.endpoint, exchange.body_for(target), context.request_id,
+                    context.timing, router.budget)
+        backend = gateway.backends[target.provider]
+        try:
+            if streaming:
+                # Nothing is sent before the first event: until then an error is a plain
+                # JSON answer, and another target may still serve the request.
+                events = backend.stream(call)
+                try:
+                    first = await anext(events)
+                except StopAsyncIteration:
+                    first = None
+                except BaseException:
+                    await events.aclose()
+                    raise
+            else:
+                answer = await backend.complete(call)
+        except SidecarError as exc:
+            if not router.failed(target, exc):
+                raise
+            tried.append(target)
+            if not router.has_candidate(exchange.route, tried) or not router.budget.withdraw():
+                raise
+            continue
+        router.succeeded(target)
+        break
+    fields = context.fields
+    fields["target"] = target.label
+    extra = {"X-Sidecar-Target": target.label}
+    if tried:
+        failed = ", ".join(t.label for t in tried)
+        extra["X-Sidecar-Fallback-From"] = failed
+        fields["fallback_from"] = failed
+    if events is not None:
         fields["stream"] = True
-        return await _stream(request, backend, call, extra)
-    response = json_bytes(request, await backend.complete(call))
+        return await _write_stream(request, events, first, call.timing, extra, usage)
+    if usage is not None:
+        usage.append(_total_tokens(answer))
+    response = json_bytes(request, answer)
     response.headers.update(extra)
     return response
 
@@ -115,34 +191,6 @@ async def _read_body(request: web.Request) -> bytes:
             return await request.read()
     except TimeoutError:
         raise RequestTimeout(f"The request body did not arrive within {limit:g}s.") from None
-
-
-async def _metered(
-    request: web.Request,
-    tokens: Budget,
-    parsed: ChatCompletionRequest | CompletionRequest | EmbeddingRequest,
-    backend: Backend,
-    call: Call,
-    extra: dict[str, str],
-) -> web.StreamResponse:
-    """The same as an unmetered request, with the tenant's token budget: the prompt estimate
-    and max_tokens are reserved first and the reservation settled on the reported usage."""
-    tenant = request[CONTEXT].principal.tenant
-    reserved = _estimate_tokens(call.body, parsed, request.app[LIMITER].settings.default_max_tokens)
-    tokens.take(tenant, reserved)
-    usage: list[int] = []
-    try:
-        if isinstance(parsed, Sampling) and parsed.stream:
-            request[CONTEXT].fields["stream"] = True
-            return await _stream(request, backend, call, extra, usage)
-        body = await backend.complete(call)
-        usage.append(_total_tokens(body))
-        response = json_bytes(request, body)
-        response.headers.update(extra)
-        return response
-    finally:
-        used = usage[-1] if usage and usage[-1] >= 0 else (0 if not usage else reserved)
-        tokens.give_back(tenant, reserved - used)
 
 
 def _estimate_tokens(
@@ -175,22 +223,16 @@ routes.post("/v1/completions")(partial(proxy, "completions", CompletionRequest))
 routes.post("/v1/embeddings")(partial(proxy, "embeddings", EmbeddingRequest))
 
 
-async def _stream(
+async def _write_stream(
     request: web.Request,
-    backend: Backend,
-    call: Call,
+    events: AsyncGenerator[bytes, None],
+    first: bytes | None,
+    timing: Timing,
     extra: dict[str, str],
-    usage: list[int] | None = None,
+    usage: list[int] | None,
 ) -> web.StreamResponse:
-    events = backend.stream(call)
     try:
-        # Nothing is sent before the first event: until then an error is a plain JSON answer
-        # and the backend may still retry.
-        try:
-            first: bytes | None = await anext(events)
-        except StopAsyncIteration:
-            first = None
-        response = await _open_stream(request, call.timing, extra)
+        response = await _open_stream(request, timing, extra)
         try:
             if first is not None:
                 await response.write(_frame(first))

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from sidecar.observability.timing import Timing
+from sidecar.routing.router import RetryBudget
 
 # Yielded by a stream while the source is silent, so the writer can send a heartbeat.
 HEARTBEAT = b""
@@ -20,6 +21,11 @@ class Call:
     body: bytes  # the client's JSON object, its `model` set to the target's model
     request_id: str
     timing: Timing
+    # Retries are spent from this, shared with fallbacks, when the router gives one.
+    budget: RetryBudget | None = None
+
+    def may_retry(self) -> bool:
+        return self.budget is None or self.budget.withdraw()
 
 
 class Backend(Protocol):
@@ -32,6 +38,10 @@ class Backend(Protocol):
 
         Errors raised before the first item mean nothing was sent; after it, the stream broke.
         """
+        ...
+
+    async def probe(self) -> bool:
+        """A cheap check that the backend answers at all."""
         ...
 
     async def close(self) -> None: ...

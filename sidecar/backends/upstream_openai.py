@@ -71,6 +71,18 @@ class OpenAIUpstream:
     async def close(self) -> None:
         """The session belongs to the app, which closes it."""
 
+    async def probe(self) -> bool:
+        """GET {base_url}/models: any answer below 500 means the upstream is there."""
+        try:
+            async with self._session.get(
+                f"{self._base}/models",
+                headers=self._headers,
+                timeout=aiohttp.ClientTimeout(total=self._settings.timeout_connect_s + 2),
+            ) as response:
+                return response.status < 500
+        except (aiohttp.ClientError, TimeoutError):
+            return False
+
     async def complete(self, call: Call) -> bytes:
         response = await self._send(call)
         started = perf_counter()
@@ -156,7 +168,7 @@ class OpenAIUpstream:
                 raise self._read_timeout() from None
             except _RETRYABLE_CONNECT as exc:
                 call.timing.upstream += perf_counter() - started
-                if attempt >= self._settings.max_retries:
+                if attempt >= self._settings.max_retries or not call.may_retry():
                     raise self._unreachable(exc) from None
                 delay = _backoff(attempt)
                 log.warning(
@@ -178,6 +190,7 @@ class OpenAIUpstream:
                     not retryable
                     or attempt >= self._settings.max_retries
                     or delay > self._settings.max_retry_wait_s
+                    or not call.may_retry()
                 ):
                     raise error
                 log.warning(

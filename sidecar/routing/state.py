@@ -1,0 +1,56 @@
+"""Live weight changes, kept in a state file of our own (the operator's TOML is never
+rewritten) and applied again at start."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from sidecar.errors import InvalidRequest
+from sidecar.routing.table import RouteTable
+
+log = logging.getLogger("sidecar.routing")
+
+
+class RouteState:
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+        self.changed: dict[str, list[dict[str, Any]]] = {}
+        self.lock = asyncio.Lock()
+
+    def read(self) -> dict[str, Any]:
+        """The saved changes, or nothing. Reads a file: call it from a thread."""
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return {}
+        try:
+            saved = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            log.error("route state file is not JSON; ignoring it",
+                      extra={"fields": {"path": str(self.path)}})
+            return {}
+        return saved if isinstance(saved, dict) else {}
+
+    def apply(self, table: RouteTable, saved: dict[str, Any]) -> None:
+        for model, targets in saved.items():
+            try:
+                table.update(model, targets if isinstance(targets, list) else [])
+            except InvalidRequest as exc:
+                # The config changed since (a provider or model removed): the config wins.
+                log.warning("saved routes no longer fit the config; ignored",
+                            extra={"fields": {"model": model, "reason": exc.message}})
+                continue
+            self.changed[model] = targets
+
+    def write(self) -> None:
+        """Atomically replace the state file. Writes a file: call it from a thread."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = self.path.with_suffix(".tmp")
+        temporary.write_bytes(orjson.dumps(self.changed, option=orjson.OPT_INDENT_2))
+        os.replace(temporary, self.path)
