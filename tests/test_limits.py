@@ -110,6 +110,21 @@ def test_token_budget_reserves_then_settles_on_usage(mock_upstream: MockUpstream
         sidecar.stop()
 
 
+def test_a_stream_without_usage_keeps_its_reservation(mock_upstream: MockUpstream,
+                                                      tmp_path: Path) -> None:
+    sidecar = start_sidecar(
+        base_config(mock_upstream, extra="[limits]\ntokens_per_minute = 400\n"), tmp_path)
+    try:
+        with httpx.stream("POST", sidecar.base_url + "/chat/completions", json={
+                "model": "gpt-test", "messages": USER, "max_tokens": 300,
+                "stream": True}) as response:
+            assert b"[DONE]" in b"".join(response.iter_raw())
+        # Nothing said how many tokens the stream used, so its 300+ stay spent.
+        assert chat(sidecar.url, max_tokens=300).status_code == 429
+    finally:
+        sidecar.stop()
+
+
 def test_token_budget_refuses_a_second_reservation_in_flight(mock_upstream: MockUpstream,
                                                             tmp_path: Path) -> None:
     sidecar = start_sidecar(

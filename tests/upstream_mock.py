@@ -20,12 +20,14 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from aiohttp import web
 from multidict import CIMultiDict
+
+from tests.loopback import ThreadedServer
 
 MOCK_KEY = web.RequestKey("mock_key", str)
 
@@ -37,43 +39,24 @@ class Seen:
     body: dict[str, Any]
 
 
-@dataclass
-class MockUpstream:
-    requests: list[Seen] = field(default_factory=list)
-    aborted: list[str] = field(default_factory=list)
-    aborted_event: threading.Event = field(default_factory=threading.Event)
-    port: int = 0
-    _counters: dict[str, int] = field(default_factory=dict)
-    _loop: asyncio.AbstractEventLoop | None = None
-    _thread: threading.Thread | None = None
-    _runner: web.AppRunner | None = None
+class MockUpstream(ThreadedServer):
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list[Seen] = []
+        self.aborted: list[str] = []
+        self.aborted_event = threading.Event()
+        self._counters: dict[str, int] = {}
 
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
-    def start(self) -> None:
-        ready = threading.Event()
-
-        def main() -> None:
-            loop = asyncio.new_event_loop()
-            self._loop = loop
-            asyncio.set_event_loop(loop)
-            loop.run_until_complete(self._start())
-            ready.set()
-            loop.run_forever()
-            loop.run_until_complete(self._runner.cleanup())  # type: ignore[union-attr]
-            loop.close()
-
-        self._thread = threading.Thread(target=main, name="mock-upstream", daemon=True)
-        self._thread.start()
-        ready.wait(10)
-
-    def stop(self) -> None:
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-        if self._thread is not None:
-            self._thread.join(10)
+    def start(self) -> None:  # type: ignore[override]
+        app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[self._watch])
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/v1/completions", self._completions)
+        app.router.add_post("/v1/embeddings", self._embeddings)
+        super().start(app, handler_cancellation=True)
 
     def reset(self) -> None:
         self.requests.clear()
@@ -83,17 +66,6 @@ class MockUpstream:
 
     def count(self, path: str = "/v1/chat/completions") -> int:
         return sum(1 for seen in self.requests if seen.path == path)
-
-    async def _start(self) -> None:
-        app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[self._watch])
-        app.router.add_post("/v1/chat/completions", self._chat)
-        app.router.add_post("/v1/completions", self._completions)
-        app.router.add_post("/v1/embeddings", self._embeddings)
-        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
 
     @web.middleware
     async def _watch(self, request: web.Request, handler: Any) -> web.StreamResponse:

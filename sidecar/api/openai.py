@@ -96,12 +96,14 @@ async def proxy(endpoint: str, schema: Schema, request: web.Request) -> web.Stre
     tenant = context.principal.tenant
     reserved = _estimate_tokens(body, parsed, request.app[LIMITER].settings.default_max_tokens)
     tokens.take(tenant, reserved)
+    # What the answer reported, last value wins: -1 once served with usage unknown (then the
+    # reservation stands); nothing at all if no target served it (then it all comes back).
     usage: list[int] = []
     try:
         return await _serve(request, gateway, exchange, usage)
     finally:
-        used = usage[-1] if usage and usage[-1] >= 0 else (0 if not usage else reserved)
-        tokens.give_back(tenant, reserved - used)
+        used = usage[-1] if usage else 0
+        tokens.give_back(tenant, reserved - (reserved if used < 0 else used))
 
 
 class Exchange:
@@ -133,7 +135,7 @@ async def _serve(request: web.Request, gateway: Gateway, exchange: Exchange,
     router.budget.deposit()
     parsed = exchange.parsed
     streaming = isinstance(parsed, Sampling) and parsed.stream
-    tried: list[Target] = []
+    tried: list[Target] | None = None
     events: AsyncGenerator[bytes, None] | None = None
     first: bytes | None = None
     answer = b""
@@ -159,7 +161,7 @@ async def _serve(request: web.Request, gateway: Gateway, exchange: Exchange,
         except SidecarError as exc:
             if not router.failed(target, exc):
                 raise
-            tried.append(target)
+            tried = [*(tried or ()), target]
             if not router.has_candidate(exchange.route, tried) or not router.budget.withdraw():
                 raise
             continue
@@ -174,11 +176,13 @@ async def _serve(request: web.Request, gateway: Gateway, exchange: Exchange,
         fields["fallback_from"] = failed
     if events is not None:
         fields["stream"] = True
+        if usage is not None:
+            usage.append(-1)  # until a usage chunk says otherwise
         return await _write_stream(request, events, first, call.timing, extra, usage)
     if usage is not None:
         usage.append(_total_tokens(answer))
     response = json_bytes(request, answer)
-    response.headers.update(extra)
+    response.headers.extend(extra)
     return response
 
 
@@ -231,6 +235,7 @@ async def _write_stream(
     extra: dict[str, str],
     usage: list[int] | None,
 ) -> web.StreamResponse:
+    response: web.StreamResponse | None = None
     try:
         response = await _open_stream(request, timing, extra)
         try:
@@ -248,6 +253,11 @@ async def _write_stream(
             await response.write(b"data: " + exc.to_json() + b"\n\n")
         await response.write_eof()
         return response
+    except ConnectionResetError:
+        # The client went away between two events; the upstream is closed below, and what is
+        # returned goes nowhere (it is logged as 499, client closed the connection).
+        request[CONTEXT].fields["stream_error"] = "client_gone"
+        return response if response is not None else web.Response(status=499)
     finally:
         await events.aclose()
 

@@ -33,7 +33,8 @@ class RetryBudget:
         self.refused = 0
 
     def deposit(self) -> None:
-        self.balance = min(self.floor + self.ratio, self.balance + self.ratio)
+        balance = self.balance + self.ratio
+        self.balance = balance if balance < self.floor else self.floor
 
     def withdraw(self) -> bool:
         if self.balance >= 1.0:
@@ -69,16 +70,21 @@ class Router:
         down = self._providers_down.get(target.provider)
         return down is None or down[0] <= now
 
-    def pick(self, route: Route, tried: list[Target]) -> Target:
-        """The next target for a request that already tried `tried` (empty on the first go)."""
-        now = time.monotonic()
+    def pick(self, route: Route, tried: list[Target] | None) -> Target:
+        """The next target for a request that already tried `tried` (None on the first go)."""
         if not tried:
             first = route.choose()
+            if first is not None and not self._targets and not self._providers_down:
+                return first  # nothing fails or rests anywhere: the common case, no clock read
+            now = time.monotonic()
             if first is not None and self.usable(first, now):
                 return first
             chosen = route.choose_among(t for t in route.targets if self.usable(t, now))
             if chosen is not None:
                 return chosen
+            tried = []
+        else:
+            now = time.monotonic()
         for target in route.fallbacks():
             if target not in tried and self.usable(target, now):
                 return target
@@ -117,8 +123,8 @@ class Router:
 
     def succeeded(self, target: Target) -> None:
         state = self._targets.get(target.label)
-        if state is not None and state.failures:
-            state.failures = 0
+        if state is not None and state.resting_until <= time.monotonic():
+            del self._targets[target.label]  # healthy again: keep the common case empty
 
     def failed(self, target: Target, error: SidecarError) -> bool:
         """Count a failure the target is to blame for; False when the request itself was bad
