@@ -190,3 +190,10 @@ def test_client_disconnect_before_the_answer_cancels_the_upstream(
 def test_sidecar_is_healthy_after_every_fault(client: openai.OpenAI) -> None:
     reply = client.chat.completions.create(model="gpt-test", messages=USER)  # type: ignore[arg-type]
     assert reply.choices[0].message.content == "Hello from mock: hi"
+
+
+def test_json_with_surrounding_whitespace_is_still_json(sidecar: Sidecar,
+                                                        upstream: MockUpstream) -> None:
+    response = post(sidecar, {"pad": True})
+    assert response.status_code == 200
+    assert response.json()["choices"][0]["message"]["content"] == "Hello from mock: hi"

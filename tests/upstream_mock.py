@@ -13,6 +13,7 @@ other field it does not understand:
     silent_s                    wait this long after the stream's headers before the first chunk
     reset_after, stall_after    break or go silent after this many chunks
     no_done                     end the stream cleanly but without [DONE]
+    pad                         pretty-print a JSON answer with whitespace around it
 """
 
 from __future__ import annotations
@@ -130,7 +131,8 @@ class MockUpstream(ThreadedServer):
             message["tool_calls"] = [tool_call]
             finish = "tool_calls"
         n = int(body.get("n") or 1)
-        return _json({
+        pad = bool((body.get("mock") or {}).get("pad"))
+        return _json(pad=pad, obj={
             "id": "chatcmpl-mock",
             "object": "chat.completion",
             "created": int(time.time()),
@@ -207,8 +209,11 @@ class MockUpstream(ThreadedServer):
         return response
 
 
-def _json(obj: dict[str, Any]) -> web.Response:
-    return web.Response(body=orjson.dumps(obj), content_type="application/json")
+def _json(obj: dict[str, Any], pad: bool = False) -> web.Response:
+    body = orjson.dumps(obj)
+    if pad:  # pretty-printed, with whitespace around it, as some servers answer
+        body = b"\n  " + orjson.dumps(obj, option=orjson.OPT_INDENT_2) + b"\n"
+    return web.Response(body=body, content_type="application/json")
 
 
 def _reply(body: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:

@@ -99,7 +99,9 @@ class OpenAIUpstream:
             response.release()
         # The length was checked by the HTTP client; this catches an HTML error page or a
         # proxy's banner without parsing every answer twice.
-        if not (body[:1] == b"{" and body.rstrip()[-1:] == b"}"):
+        if body[:1] != b"{" or body[-1:] != b"}":
+            body = body.strip()
+        if not (body[:1] == b"{" and body[-1:] == b"}"):
             raise UpstreamError(
                 f"The upstream `{self.name}` answered with something that is not a JSON object."
             )
