@@ -48,6 +48,11 @@ def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
+def forged_header_token(header: dict[str, Any], **claims: Any) -> str:
+    """A token with whatever header, and a signature that cannot verify."""
+    return f"{_b64(orjson.dumps(header))}.{_b64(orjson.dumps(claims))}.{_b64(b'x' * 32)}"
+
+
 def unsigned_token(**claims: Any) -> str:
     """alg=none: a header, a payload and an empty signature."""
     header = _b64(orjson.dumps({"alg": "none", "typ": "JWT"}))

@@ -15,6 +15,7 @@ from tests.auth_helpers import (
     AUDIENCE,
     ISSUER,
     Issuer,
+    forged_header_token,
     hmac_token_with_public_key,
     jwt_config,
     make_issuer,
@@ -68,6 +69,16 @@ def test_missing_token_is_401(secured: Sidecar) -> None:
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=secured.base_url, api_key="not-a-jwt", max_retries=0
                       ).chat.completions.create(model="gpt-test", messages=USER)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kid", [["a", "b"], {"x": 1}, 7])
+def test_a_kid_that_is_not_a_string_is_401_not_500(secured: Sidecar, issuer: Issuer,
+                                                   kid: object) -> None:
+    now = int(time.time())
+    token = forged_header_token({"alg": "RS256", "kid": kid}, iss=ISSUER, aud=AUDIENCE,
+                                sub="x", iat=now, exp=now + 60, scope="sidecar:chat")
+    assert_401(call(secured, token), "")
+    assert call(secured, issuer.token()).status_code == 200
 
 
 def test_alg_none_is_refused(secured: Sidecar) -> None:
@@ -197,3 +208,15 @@ audience = "{AUDIENCE}"
         assert_401(call(sidecar, forged), "signature")
     finally:
         sidecar.stop()
+
+
+@pytest.mark.parametrize("token", [
+    "a.b.c", "...", "e30.e30.", "e30.e30.e30", "bm90IGpzb24.e30.", "W10.e30.",
+    "eyJhbGciOiJSUzI1NiJ9.bm90IGpzb24.c2ln", "eyJhbGciOiJSUzI1NiJ9.W10.c2ln",
+    "eyJhbGciOiJSUzI1NiJ9.eyJleHAiOiJzb29uIn0.c2ln", "\u00e9\u00e9.\u00e9.\u00e9",
+])
+def test_malformed_tokens_are_401_never_5xx(secured: Sidecar, token: str) -> None:
+    response = httpx.post(secured.base_url + "/chat/completions",
+                          headers={"Authorization": f"Bearer {token}".encode()},
+                          json={"model": "gpt-test", "messages": USER})
+    assert response.status_code == 401

@@ -164,10 +164,6 @@ class Verifier:
         self._fetcher = fetcher
 
     @property
-    def fetcher(self) -> JwksFetcher | None:
-        return self._fetcher
-
-    @property
     def ready(self) -> bool:
         return self._current_keys() is not None
 
@@ -190,9 +186,11 @@ class Verifier:
             raise Unauthorized("The token has expired.", code="token_expired")
         try:
             header = jwt.get_unverified_header(token)
-        except jwt.DecodeError:
-            raise Unauthorized("The token is not a well-formed JWT.") from None
+        except jwt.InvalidTokenError:
+            raise Unauthorized("The token is not a well-formed JWT (header).") from None
         kid = header.get("kid")
+        if kid is not None and not isinstance(kid, str):
+            raise Unauthorized("The token's `kid` header is not a string.")
         key = keys.get(kid) if keys is not None else None
         fetcher = self._fetcher
         if key is None and fetcher is not None and await fetcher.refresh_on_unknown_kid():
