@@ -74,7 +74,7 @@ def test_concurrency_cap_answers_503_at_once(mock_upstream: MockUpstream, tmp_pa
         time.sleep(0.3)
         started = time.monotonic()
         refused = chat(sidecar.url)
-        assert time.monotonic() - started < 0.3
+        assert time.monotonic() - started < 0.5
         assert refused.status_code == 503
         assert refused.headers["Retry-After"] == "1"
         assert refused.json()["error"]["code"] == "overloaded"

@@ -170,7 +170,7 @@ def test_every_target_down_is_a_fast_503(routed: Sidecar) -> None:
     started = time.monotonic()
     response = post(routed, "alldead")
     assert response.status_code == 503
-    assert time.monotonic() - started < 0.2
+    assert time.monotonic() - started < 0.5
     assert int(response.headers["Retry-After"]) >= 1
 
 
