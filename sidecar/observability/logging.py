@@ -23,9 +23,14 @@ log = logging.getLogger("sidecar")
 class LineWriter:
     """Owns the output stream; anything may queue a line, one thread writes them."""
 
-    def __init__(self, stream: TextIO, interval_s: float = 0.05) -> None:
+    def __init__(self, stream: TextIO, interval_s: float = 0.05,
+                 max_pending: int = 100_000) -> None:
         self._stream = stream
         self._lines: deque[str] = deque()
+        # A reader that stops reading (journald stalled) must not grow memory without bound:
+        # past this many waiting lines, new ones are counted and dropped.
+        self._max_pending = max_pending
+        self.dropped = 0
         self._wake = threading.Event()
         self._stop = False
         self._interval = interval_s
@@ -33,7 +38,10 @@ class LineWriter:
         self._thread.start()
 
     def put(self, line: str) -> None:
-        self._lines.append(line)
+        if len(self._lines) < self._max_pending:
+            self._lines.append(line)
+        else:
+            self.dropped += 1
 
     def close(self) -> None:
         self._stop = True
@@ -53,6 +61,11 @@ class LineWriter:
         batch = []
         while lines:
             batch.append(lines.popleft())
+        if self.dropped:
+            dropped, self.dropped = self.dropped, 0
+            batch.append(orjson.dumps({"ts": _timestamp(time.time()), "level": "warning",
+                                       "logger": "sidecar", "msg": "log lines dropped",
+                                       "count": dropped}).decode())
         try:
             self._stream.write("\n".join(batch) + "\n")
             self._stream.flush()
