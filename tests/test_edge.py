@@ -116,6 +116,15 @@ def test_an_oversize_header_is_431(edge: Sidecar) -> None:
     assert served(edge)
 
 
+def test_an_oversize_authorization_header_is_not_quoted_in_the_log(edge: Sidecar) -> None:
+    secret = "sk-oversize-0123456789abcdef"
+    response = httpx.get(edge.base_url + "/models",
+                         headers={"Authorization": f"Bearer {secret}" + "z" * 40_000})
+    assert response.status_code == 431
+    assert edge.wait_for_log("refused a malformed request")
+    assert secret not in edge.logs()
+
+
 def test_body_size_counts_after_decompression(edge: Sidecar, upstream: MockUpstream) -> None:
     big = orjson.dumps({"model": "gpt-test", "messages": [
         {"role": "user", "content": "z" * 100_000}]})

@@ -32,7 +32,7 @@ class EdgeHandler(RequestHandler):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         server = self._manager
-        if isinstance(server, EdgeServer) and len(server.connections) > server.max_connections:
+        if isinstance(server, EdgeServer) and server.open > server.max_connections:
             server.refused += 1
             self.force_close()
             if isinstance(transport, asyncio.Transport):
@@ -45,7 +45,6 @@ class EdgeHandler(RequestHandler):
         exc: BaseException | None = None,
         message: str | None = None,
     ) -> web.StreamResponse:
-        response = super().handle_error(request, status, exc, message)
         if isinstance(exc, http_exceptions.LineTooLong) or (
             isinstance(exc, http_exceptions.BadHttpMessage) and "Too many headers" in str(exc)
         ):
@@ -56,7 +55,13 @@ class EdgeHandler(RequestHandler):
             text = f"The request is not valid HTTP: {type(exc).__name__ if exc else 'bad request'}."
             code = "bad_http_request"
         else:
-            return response
+            return super().handle_error(request, status, exc, message)
+        # Not aiohttp's own logging: its message quotes the start of the offending line, which
+        # may be an Authorization header.
+        log.info("refused a malformed request",
+                 extra={"fields": {"status": status, "error": type(exc).__name__}})
+        if request.writer.output_size > 0:
+            raise ConnectionError("an answer was already under way")
         body = error_body(text, "invalid_request_error", None, code)
         answer = web.json_response(body, status=status)
         answer.force_close()
@@ -68,6 +73,15 @@ class EdgeServer(web.Server):
         super().__init__(*args, **kwargs)
         self.max_connections = max_connections
         self.refused = 0
+        self.open = 0
+
+    def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
+        super().connection_made(handler, transport)
+        self.open += 1
+
+    def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
+        super().connection_lost(handler, exc)
+        self.open -= 1
 
     def __call__(self) -> RequestHandler:
         return EdgeHandler(self, loop=self._loop, **self._kwargs)
