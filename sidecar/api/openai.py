@@ -254,8 +254,8 @@ async def _write_stream(
         await response.write_eof()
         return response
     except ConnectionResetError:
-        # The client went away between two events; the upstream is closed below, and what is
-        # returned goes nowhere (it is logged as 499, client closed the connection).
+        # The client went away between two events: the upstream is closed below, and what is
+        # returned goes nowhere; the log line carries stream_error = client_gone.
         request[CONTEXT].fields["stream_error"] = "client_gone"
         return response if response is not None else web.Response(status=499)
     finally:
