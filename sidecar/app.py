@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
@@ -15,9 +16,20 @@ from sidecar.api import admin, health, openai
 from sidecar.api.middleware import Guard, make_edge
 from sidecar.backends.base import Backend
 from sidecar.backends.upstream_openai import OpenAIUpstream
+from sidecar.cache.memory import MemoryCache
 from sidecar.config import Settings
 from sidecar.gateway import Gateway, Readiness
-from sidecar.keys import GATEWAY, HTTP, LIMITER, READINESS, ROUTE_STATE, SETTINGS, VERIFIER
+from sidecar.keys import (
+    CACHE,
+    CACHE_SECRET,
+    GATEWAY,
+    HTTP,
+    LIMITER,
+    READINESS,
+    ROUTE_STATE,
+    SETTINGS,
+    VERIFIER,
+)
 from sidecar.observability.logging import AccessLog, LineWriter
 from sidecar.routing.router import Router
 from sidecar.routing.state import RouteState
@@ -45,6 +57,10 @@ def create_app(settings: Settings, log_writer: LineWriter | None = None) -> web.
     app.on_startup.append(_mark_started)
     app.on_shutdown.append(_mark_draining)
     app[ROUTE_STATE] = RouteState(settings.routing.state_file)
+    cache = settings.cache
+    app[CACHE] = MemoryCache(cache.memory_items, cache.ttl_s) if cache.enabled else None
+    # Keys are HMACs under a secret of this process: nobody can compute another tenant's key.
+    app[CACHE_SECRET] = os.urandom(32)
     app.add_routes(openai.routes)
     app.add_routes(admin.routes)
     app.add_routes(health.routes)

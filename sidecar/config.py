@@ -144,6 +144,14 @@ class LimitsSettings(Struct, kw_only=True, forbid_unknown_fields=True):
     max_concurrent_requests: Annotated[int, Meta(ge=1)] = 512  # whole process
 
 
+class CacheSettings(Struct, kw_only=True, forbid_unknown_fields=True):
+    enabled: bool = False
+    ttl_s: PositiveFloat = 3600.0
+    memory_items: Annotated[int, Meta(ge=1)] = 1024  # answers kept in this process
+    # "deterministic": temperature 0 or a seed; "always"; "never".
+    cache_when: Literal["deterministic", "always", "never"] = "deterministic"
+
+
 class LoggingSettings(Struct, kw_only=True, forbid_unknown_fields=True):
     level: Literal["debug", "info", "warning", "error"] = "info"
     # One JSON line per request at info level.
@@ -158,6 +166,7 @@ class Settings(Struct, kw_only=True, forbid_unknown_fields=True):
     auth: AuthSettings = msgspec.field(default_factory=AuthSettings)
     limits: LimitsSettings = msgspec.field(default_factory=LimitsSettings)
     routing: RoutingSettings = msgspec.field(default_factory=RoutingSettings)
+    cache: CacheSettings = msgspec.field(default_factory=CacheSettings)
     # Filled in by load(): never read from the file.
     source: str = "<memory>"
     api_keys: dict[str, Secret] = {}

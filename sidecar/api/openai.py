@@ -14,9 +14,10 @@ from aiohttp import web
 
 from sidecar.api.http import JSON, json_bytes
 from sidecar.backends.base import Call
+from sidecar.cache.memory import MemoryCache, cache_key, deterministic
 from sidecar.errors import ModelNotFound, RequestTimeout, SidecarError
 from sidecar.gateway import Gateway
-from sidecar.keys import CONTEXT, GATEWAY, LIMITER, SETTINGS
+from sidecar.keys import CACHE, CACHE_SECRET, CONTEXT, GATEWAY, LIMITER, SETTINGS
 from sidecar.observability.timing import Timing
 from sidecar.protocol.requests import (
     ChatCompletionRequest,
@@ -88,9 +89,11 @@ async def proxy(endpoint: str, schema: Schema, request: web.Request) -> web.Stre
         )
     context.fields["model"] = parsed.model
     exchange = Exchange(endpoint, body, payload, parsed, route)
+    cache = request.app[CACHE] if endpoint != "embeddings" else None
+    serve = partial(_cached, cache=cache) if cache is not None else _serve
     tokens = request.app[LIMITER].tokens
     if tokens is None:
-        return await _serve(request, gateway, exchange, None)
+        return await serve(request, gateway, exchange, None)
     # The tenant's token budget: the prompt estimate and max_tokens are reserved first and
     # the reservation settled on the usage the answer reports.
     tenant = context.principal.tenant
@@ -100,7 +103,7 @@ async def proxy(endpoint: str, schema: Schema, request: web.Request) -> web.Stre
     # reservation stands); nothing at all if no target served it (then it all comes back).
     usage: list[int] = []
     try:
-        return await _serve(request, gateway, exchange, usage)
+        return await serve(request, gateway, exchange, usage)
     finally:
         used = usage[-1] if usage else 0
         tokens.give_back(tenant, reserved - (reserved if used < 0 else used))
@@ -127,37 +130,57 @@ class Exchange:
         return orjson.dumps(self.payload)
 
 
-async def _serve(request: web.Request, gateway: Gateway, exchange: Exchange,
-                 usage: list[int] | None) -> web.StreamResponse:
-    """Try targets until one answers (the first byte, for a stream); then write its answer."""
+class Reached:
+    """The target that took a request: its whole answer, or its stream and first event."""
+
+    __slots__ = ("answer", "events", "first", "target", "timing", "tried")
+
+    def __init__(self, target: Target, tried: list[Target] | None, timing: Timing) -> None:
+        self.target = target
+        self.tried = tried
+        self.timing = timing
+        self.answer = b""
+        self.events: AsyncGenerator[bytes, None] | None = None
+        self.first: bytes | None = None
+
+    def headers(self, fields: dict[str, object]) -> dict[str, str]:
+        fields["target"] = self.target.label
+        extra = {"X-Sidecar-Target": self.target.label}
+        if self.tried:
+            failed = ", ".join(t.label for t in self.tried)
+            extra["X-Sidecar-Fallback-From"] = failed
+            fields["fallback_from"] = failed
+        return extra
+
+
+async def _reach(request: web.Request, gateway: Gateway, exchange: Exchange) -> Reached:
+    """Try targets until one answers (its first event, for a stream)."""
     context = request[CONTEXT]
     router = gateway.router
     router.budget.deposit()
     parsed = exchange.parsed
     streaming = isinstance(parsed, Sampling) and parsed.stream
     tried: list[Target] | None = None
-    events: AsyncGenerator[bytes, None] | None = None
-    first: bytes | None = None
-    answer = b""
     while True:
         target = router.pick(exchange.route, tried)
         call = Call(exchange.endpoint, exchange.body_for(target), context.request_id,
                     context.timing, router.budget)
         backend = gateway.backends[target.provider]
+        reached = Reached(target, tried, call.timing)
         try:
             if streaming:
                 # Nothing is sent before the first event: until then an error is a plain
                 # JSON answer, and another target may still serve the request.
-                events = backend.stream(call)
+                events = reached.events = backend.stream(call)
                 try:
-                    first = await anext(events)
+                    reached.first = await anext(events)
                 except StopAsyncIteration:
-                    first = None
+                    reached.first = None
                 except BaseException:
                     await events.aclose()
                     raise
             else:
-                answer = await backend.complete(call)
+                reached.answer = await backend.complete(call)
         except SidecarError as exc:
             if not router.failed(target, exc):
                 raise
@@ -166,23 +189,72 @@ async def _serve(request: web.Request, gateway: Gateway, exchange: Exchange,
                 raise
             continue
         router.succeeded(target)
-        break
-    fields = context.fields
-    fields["target"] = target.label
-    extra = {"X-Sidecar-Target": target.label}
-    if tried:
-        failed = ", ".join(t.label for t in tried)
-        extra["X-Sidecar-Fallback-From"] = failed
-        fields["fallback_from"] = failed
-    if events is not None:
+        return reached
+
+
+async def _serve(request: web.Request, gateway: Gateway, exchange: Exchange,
+                 usage: list[int] | None, cache_state: str | None = None) -> web.StreamResponse:
+    """Reach a target, then write its answer: JSON, or the stream as it comes."""
+    reached = await _reach(request, gateway, exchange)
+    fields = request[CONTEXT].fields
+    extra = reached.headers(fields)
+    if cache_state is not None:
+        extra["X-Sidecar-Cache"] = cache_state
+    if reached.events is not None:
         fields["stream"] = True
         if usage is not None:
             usage.append(-1)  # until a usage chunk says otherwise
-        return await _write_stream(request, events, first, call.timing, extra, usage)
+        return await _write_stream(request, reached.events, reached.first, reached.timing,
+                                   extra, usage)
     if usage is not None:
-        usage.append(_total_tokens(answer))
+        usage.append(_total_tokens(reached.answer))
+    response = json_bytes(request, reached.answer)
+    response.headers.extend(extra)
+    return response
+
+
+async def _cached(request: web.Request, gateway: Gateway, exchange: Exchange,
+                  usage: list[int] | None, cache: MemoryCache) -> web.StreamResponse:
+    """Answer a deterministic non-streamed request from the cache, or fetch it once however
+    many identical requests are in flight, and keep it."""
+    settings = request.app[SETTINGS].cache
+    payload, parsed = exchange.payload, exchange.parsed
+    streaming = isinstance(parsed, Sampling) and parsed.stream
+    if streaming or settings.cache_when == "never" or (
+            settings.cache_when == "deterministic" and not deterministic(payload)):
+        # Streams are not recorded yet (replaying them is the Redis tier's work).
+        return await _serve(request, gateway, exchange, usage, "bypass")
+    context = request[CONTEXT]
+    fields = context.fields
+    tenant = context.principal.tenant
+    control = request.headers.get("Cache-Control", "")
+    key = cache_key(request.app[CACHE_SECRET], tenant, exchange.endpoint, payload)
+    if "no-cache" not in control:
+        hit = cache.get(key, tenant)
+        if hit is not None:
+            fields["cache"] = "hit"
+            if usage is not None:
+                usage.append(0)  # a hit spends no tokens
+            response = json_bytes(request, hit)
+            response.headers["X-Sidecar-Cache"] = "hit"
+            return response
+    extra: dict[str, str] = {}
+
+    async def fetch() -> bytes:
+        reached = await _reach(request, gateway, exchange)
+        extra.update(reached.headers(fields))
+        return reached.answer
+
+    answer, shared = await cache.single_flight(key, fetch)
+    state = "hit" if shared else "miss"
+    fields["cache"] = state
+    if not shared and "no-store" not in control:
+        cache.put(key, tenant, answer)
+    if usage is not None:
+        usage.append(0 if shared else _total_tokens(answer))
     response = json_bytes(request, answer)
     response.headers.extend(extra)
+    response.headers["X-Sidecar-Cache"] = state
     return response
 
 

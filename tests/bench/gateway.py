@@ -223,15 +223,21 @@ def main() -> int:
     token = jwt.encode({"iss": "https://idp.bench/", "aud": "llm-sidecar", "sub": "bench",
                         "iat": now, "exp": now + 3600, "scope": "sidecar:chat"},
                        private.read_bytes(), algorithm="RS256")
+    cache_script = work / "post-cached.lua"
+    cache_script.write_text(
+        'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
+        f"wrk.body = [[{orjson.dumps({**CHAT, 'temperature': 0}).decode()}]]\n")
     jwt_script = work / "post-jwt.lua"
     jwt_script.write_text(script.read_text()
                           + f'wrk.headers["Authorization"] = "Bearer {token}"\n')
-    mock_port, floor_port, one_port, three_port, jwt_port = (free_port() for _ in range(5))
+    mock_port, floor_port, one_port, three_port, jwt_port, cache_port = (
+        free_port() for _ in range(6))
     env = {"BENCH_UPSTREAM_KEY": "sk-bench-not-a-real-key", "PYTHONUNBUFFERED": "1"}
     configs = {}
     for name, port, targets, auth in (
             ("one", one_port, ONE_TARGET, ""), ("three", three_port, THREE_TARGETS, ""),
-            ("jwt", jwt_port, ONE_TARGET, JWT_AUTH.format(public=public))):
+            ("jwt", jwt_port, ONE_TARGET, JWT_AUTH.format(public=public)),
+            ("cache", cache_port, ONE_TARGET, "\n[cache]\nenabled = true\n")):
         path = work / f"{name}.toml"
         path.write_text(SIDECAR_CONFIG.format(port=port, mock=mock_port, targets=targets) + auth)
         configs[name] = path
@@ -245,19 +251,24 @@ def main() -> int:
          process([PY, "-m", "sidecar", "serve", "--config", str(configs["three"])], SERVER_CPU,
                  three_port, work / "sidecar3.log", env) as sidecar3, \
          process([PY, "-m", "sidecar", "serve", "--config", str(configs["jwt"])], SERVER_CPU,
-                 jwt_port, work / "sidecar-jwt.log", env) as sidecar_jwt:
+                 jwt_port, work / "sidecar-jwt.log", env) as sidecar_jwt, \
+         process([PY, "-m", "sidecar", "serve", "--config", str(configs["cache"])], SERVER_CPU,
+                 cache_port, work / "sidecar-cache.log", env) as sidecar_cache:
         direct = f"http://127.0.0.1:{mock_port}/v1/chat/completions"
         urls = {"floor": f"http://127.0.0.1:{floor_port}/v1/chat/completions",
                 "sidecar": f"http://127.0.0.1:{one_port}/v1/chat/completions",
                 "sidecar3": f"http://127.0.0.1:{three_port}/v1/chat/completions",
-                "sidecar_jwt": f"http://127.0.0.1:{jwt_port}/v1/chat/completions"}
-        scripts = {name: jwt_script if name == "sidecar_jwt" else script for name in urls}
+                "sidecar_jwt": f"http://127.0.0.1:{jwt_port}/v1/chat/completions",
+                "sidecar_cache": f"http://127.0.0.1:{cache_port}/v1/chat/completions"}
+        scripts = {name: script for name in urls}
+        scripts["sidecar_jwt"] = jwt_script
+        scripts["sidecar_cache"] = cache_script  # temperature 0: every request after the first hits
         for name, url in urls.items():  # warm up pools and code paths
             wrk(url, 8, 1, scripts[name])
 
         # This machine is shared and noisy: short runs, alternated, compared pair by pair.
         pids = {"floor": floor.pid, "sidecar": sidecar.pid, "sidecar3": sidecar3.pid,
-                "sidecar_jwt": sidecar_jwt.pid}
+                "sidecar_jwt": sidecar_jwt.pid, "sidecar_cache": sidecar_cache.pid}
         runs: dict[str, list[dict[str, float]]] = {name: [] for name in urls}
         for _ in range(args.rounds):
             for name, url in urls.items():
@@ -283,12 +294,16 @@ def main() -> int:
                 ">= 0.95")
         compare("JWT (RS256) on vs auth off (both llm-sidecar)", "sidecar", "sidecar_jwt",
                 ">= 0.90")
+        compare("cache hits vs uncached proxying (both llm-sidecar)", "sidecar", "sidecar_cache",
+                ">= 1.50")
 
-        lat: dict[str, list[dict[str, float]]] = {"direct": [], "floor": [], "sidecar": []}
+        lat: dict[str, list[dict[str, float]]] = {"direct": [], "floor": [], "sidecar": [],
+                                                  "cache": []}
         for _ in range(args.latency_rounds):
             lat["direct"].append(wrk(direct, 1, args.seconds, script))
             lat["floor"].append(wrk(urls["floor"], 1, args.seconds, script))
             lat["sidecar"].append(wrk(urls["sidecar"], 1, args.seconds, script))
+            lat["cache"].append(wrk(urls["sidecar_cache"], 1, args.seconds, cache_script))
         for q in ("p50", "p99"):
             # Each round's added latency over that round's direct call, then the median.
             floor_add = [f[q] - d[q] for f, d in zip(lat["floor"], lat["direct"], strict=True)]
@@ -298,6 +313,10 @@ def main() -> int:
             rows.append((f"added latency {q}, ms (c=1; direct {base:.3f} ms)",
                          f"{statistics.median(floor_add):.3f}",
                          f"{statistics.median(side_add):.3f}", f"{ratio:.2f}", "<= 1.30"))
+        hit_add = statistics.median(c["p50"] - d["p50"] for c, d in zip(
+            lat["cache"], lat["direct"], strict=True))
+        rows.append(("cache hit p50 above a direct call to the mock, ms (c=1)", "",
+                     f"{hit_add:.3f}", "", "<= 0.6 ms"))
 
         direct_lags, _ = asyncio.run(stream_timings(direct, 10, 64, 20))
         side_lags, _ = asyncio.run(stream_timings(urls["sidecar"], 10, 64, 20))

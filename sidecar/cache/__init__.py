@@ -1,0 +1,1 @@
+"""Response cache: exact-match answers for deterministic requests, per tenant."""

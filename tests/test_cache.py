@@ -1,0 +1,175 @@
+"""The in-process response cache: deterministic answers kept per tenant, opt-outs, expiry, and
+single flight for identical misses in flight at once."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.auth_helpers import jwt_config, make_issuer
+from tests.conftest import Sidecar, base_config, start_sidecar
+from tests.upstream_mock import MockUpstream
+
+USER = [{"role": "user", "content": "hi"}]
+CACHE = "[cache]\nenabled = true\nttl_s = {ttl}\ncache_when = \"{when}\"\n"
+
+
+def cached_sidecar(mock: MockUpstream, workdir: Path, ttl: float = 60,
+                   when: str = "deterministic", auth: str = "") -> Sidecar:
+    return start_sidecar(base_config(mock, extra=CACHE.format(ttl=ttl, when=when)) + auth,
+                         workdir)
+
+
+@pytest.fixture(scope="module")
+def cached(mock_upstream: MockUpstream, tmp_path_factory: pytest.TempPathFactory
+           ) -> Iterator[Sidecar]:
+    instance = cached_sidecar(mock_upstream, tmp_path_factory.mktemp("cached"))
+    yield instance
+    instance.stop()
+
+
+def ask(sidecar: Sidecar, headers: dict[str, str] | None = None, **body: object
+        ) -> httpx.Response:
+    return httpx.post(sidecar.base_url + "/chat/completions", headers=headers or {}, timeout=30,
+                      json={"model": "gpt-test", "messages": USER, **body})
+
+
+def test_deterministic_request_is_answered_from_the_cache(cached: Sidecar,
+                                                         upstream: MockUpstream) -> None:
+    first = ask(cached, temperature=0, max_tokens=7)
+    second = ask(cached, temperature=0, max_tokens=7)
+    assert first.headers["x-sidecar-cache"] == "miss"
+    assert second.headers["x-sidecar-cache"] == "hit"
+    assert second.content == first.content
+    assert upstream.count() == 1
+    client = openai.OpenAI(base_url=cached.base_url, api_key="x", max_retries=0)
+    reply = client.chat.completions.create(model="gpt-test", messages=USER,  # type: ignore[arg-type]
+                                           temperature=0, max_tokens=7)
+    assert reply.choices[0].message.content == "Hello from mock: hi"
+    assert upstream.count() == 1
+
+
+def test_a_seed_makes_a_request_deterministic(cached: Sidecar, upstream: MockUpstream) -> None:
+    assert ask(cached, seed=42, temperature=0.9).headers["x-sidecar-cache"] == "miss"
+    assert ask(cached, seed=42, temperature=0.9).headers["x-sidecar-cache"] == "hit"
+    assert ask(cached, seed=43, temperature=0.9).headers["x-sidecar-cache"] == "miss"
+    assert upstream.count() == 2
+
+
+def test_sampling_requests_bypass_the_cache(cached: Sidecar, upstream: MockUpstream) -> None:
+    for _ in range(2):
+        assert ask(cached, temperature=0.7).headers["x-sidecar-cache"] == "bypass"
+    assert upstream.count() == 2
+
+
+def test_streams_bypass_the_cache_for_now(cached: Sidecar, upstream: MockUpstream) -> None:
+    with httpx.stream("POST", cached.base_url + "/chat/completions", json={
+            "model": "gpt-test", "messages": USER, "temperature": 0, "stream": True}) as stream:
+        assert stream.headers["x-sidecar-cache"] == "bypass"
+        assert b"".join(stream.iter_raw()).endswith(b"data: [DONE]\n\n")
+
+
+def test_any_field_that_can_change_the_answer_changes_the_key(cached: Sidecar,
+                                                              upstream: MockUpstream) -> None:
+    ask(cached, temperature=0, max_tokens=5)
+    assert ask(cached, temperature=0, max_tokens=6).headers["x-sidecar-cache"] == "miss"
+    assert ask(cached, temperature=0, max_tokens=5,
+               response_format={"type": "json_object"}).headers["x-sidecar-cache"] == "miss"
+    # ...and one that cannot, does not.
+    assert ask(cached, temperature=0, max_tokens=5,
+               user="someone").headers["x-sidecar-cache"] == "hit"
+
+
+def test_cache_control_opt_outs(cached: Sidecar, upstream: MockUpstream) -> None:
+    assert ask(cached, temperature=0, n=3).headers["x-sidecar-cache"] == "miss"
+    skipped = ask(cached, {"Cache-Control": "no-cache"}, temperature=0, n=3)
+    assert skipped.headers["x-sidecar-cache"] == "miss"  # read skipped, answer fetched again
+    assert upstream.count() == 2
+    unstored = ask(cached, {"Cache-Control": "no-store"}, temperature=0, n=4)
+    assert unstored.headers["x-sidecar-cache"] == "miss"
+    assert ask(cached, temperature=0, n=4).headers["x-sidecar-cache"] == "miss"
+    assert upstream.count() == 4
+
+
+def test_errors_are_never_stored(cached: Sidecar, upstream: MockUpstream) -> None:
+    failing = ask(cached, temperature=0, mock={"status": 400})
+    assert failing.status_code == 400
+    assert ask(cached, temperature=0, mock={"status": 400}).status_code == 400
+    assert upstream.count() == 2
+
+
+def test_identical_misses_in_flight_make_one_upstream_call(cached: Sidecar,
+                                                           upstream: MockUpstream) -> None:
+    async def storm() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=200)
+                                     ) as client:
+            return await asyncio.gather(*(client.post(
+                cached.base_url + "/chat/completions",
+                json={"model": "gpt-test", "messages": USER, "temperature": 0,
+                      "mock": {"delay_s": 0.5, "key": "storm"}}) for _ in range(100)))
+
+    answers = asyncio.run(storm())
+    assert {a.status_code for a in answers} == {200}
+    assert len({a.content for a in answers}) == 1
+    assert upstream.count() == 1
+    assert sorted(a.headers["x-sidecar-cache"] for a in answers).count("miss") == 1
+
+
+def test_an_error_in_flight_is_shared_not_retried_by_every_waiter(
+        cached: Sidecar, upstream: MockUpstream) -> None:
+    async def storm() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=30) as client:
+            return await asyncio.gather(*(client.post(
+                cached.base_url + "/chat/completions",
+                json={"model": "gpt-test", "messages": USER, "temperature": 0,
+                      "mock": {"delay_s": 0.3, "status": 400}}) for _ in range(20)))
+
+    assert {a.status_code for a in asyncio.run(storm())} == {400}
+    assert upstream.count() == 1
+
+
+def test_entries_expire(mock_upstream: MockUpstream, upstream: MockUpstream,
+                        tmp_path: Path) -> None:
+    sidecar = cached_sidecar(mock_upstream, tmp_path, ttl=0.5)
+    try:
+        assert ask(sidecar, temperature=0).headers["x-sidecar-cache"] == "miss"
+        assert ask(sidecar, temperature=0).headers["x-sidecar-cache"] == "hit"
+        time.sleep(0.6)
+        assert ask(sidecar, temperature=0).headers["x-sidecar-cache"] == "miss"
+    finally:
+        sidecar.stop()
+
+
+def test_two_tenants_never_share_an_entry(mock_upstream: MockUpstream, upstream: MockUpstream,
+                                          tmp_path: Path) -> None:
+    issuer = make_issuer(tmp_path / "issuer")
+    sidecar = cached_sidecar(mock_upstream, tmp_path / "s", auth=jwt_config(
+        f'public_key_file = "{issuer.public_path}"'))
+    alice = {"Authorization": f"Bearer {issuer.token(sub='alice')}"}
+    bob = {"Authorization": f"Bearer {issuer.token(sub='bob')}"}
+    try:
+        assert ask(sidecar, alice, temperature=0).headers["x-sidecar-cache"] == "miss"
+        assert ask(sidecar, alice, temperature=0).headers["x-sidecar-cache"] == "hit"
+        assert ask(sidecar, bob, temperature=0).headers["x-sidecar-cache"] == "miss"
+        assert upstream.count() == 2
+    finally:
+        sidecar.stop()
+
+
+def test_cache_when_always_and_never(mock_upstream: MockUpstream, upstream: MockUpstream,
+                                     tmp_path: Path) -> None:
+    always = cached_sidecar(mock_upstream, tmp_path / "a", when="always")
+    never = cached_sidecar(mock_upstream, tmp_path / "n", when="never")
+    try:
+        ask(always, temperature=0.9)
+        assert ask(always, temperature=0.9).headers["x-sidecar-cache"] == "hit"
+        assert ask(never, temperature=0).headers["x-sidecar-cache"] == "bypass"
+    finally:
+        always.stop()
+        never.stop()
