@@ -90,10 +90,11 @@ async def proxy(endpoint: str, schema: Schema, request: web.Request) -> web.Stre
     context.fields["model"] = parsed.model
     exchange = Exchange(endpoint, body, payload, parsed, route)
     cache = request.app[CACHE] if endpoint != "embeddings" else None
-    serve = partial(_cached, cache=cache) if cache is not None else _serve
     tokens = request.app[LIMITER].tokens
     if tokens is None:
-        return await serve(request, gateway, exchange, None)
+        if cache is None:  # the common case, one coroutine deep: reach a target, answer
+            return await _respond(request, await _reach(request, gateway, exchange), None)
+        return await _cached(request, gateway, exchange, None, cache)
     # The tenant's token budget: the prompt estimate and max_tokens are reserved first and
     # the reservation settled on the usage the answer reports.
     tenant = context.principal.tenant
@@ -103,7 +104,9 @@ async def proxy(endpoint: str, schema: Schema, request: web.Request) -> web.Stre
     # reservation stands); nothing at all if no target served it (then it all comes back).
     usage: list[int] = []
     try:
-        return await serve(request, gateway, exchange, usage)
+        if cache is None:
+            return await _respond(request, await _reach(request, gateway, exchange), usage)
+        return await _cached(request, gateway, exchange, usage, cache)
     finally:
         used = usage[-1] if usage else 0
         tokens.give_back(tenant, reserved - (reserved if used < 0 else used))
@@ -192,10 +195,9 @@ async def _reach(request: web.Request, gateway: Gateway, exchange: Exchange) -> 
         return reached
 
 
-async def _serve(request: web.Request, gateway: Gateway, exchange: Exchange,
-                 usage: list[int] | None, cache_state: str | None = None) -> web.StreamResponse:
-    """Reach a target, then write its answer: JSON, or the stream as it comes."""
-    reached = await _reach(request, gateway, exchange)
+async def _respond(request: web.Request, reached: Reached, usage: list[int] | None,
+                   cache_state: str | None = None) -> web.StreamResponse:
+    """Write the answer of the target reached: JSON, or the stream as it comes."""
     fields = request[CONTEXT].fields
     extra = reached.headers(fields)
     if cache_state is not None:
@@ -223,7 +225,7 @@ async def _cached(request: web.Request, gateway: Gateway, exchange: Exchange,
     if streaming or settings.cache_when == "never" or (
             settings.cache_when == "deterministic" and not deterministic(payload)):
         # Streams are not recorded yet (replaying them is the Redis tier's work).
-        return await _serve(request, gateway, exchange, usage, "bypass")
+        return await _respond(request, await _reach(request, gateway, exchange), usage, "bypass")
     context = request[CONTEXT]
     fields = context.fields
     tenant = context.principal.tenant

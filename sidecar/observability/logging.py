@@ -109,6 +109,8 @@ class AccessLog:
 
     def __init__(self, writer: LineWriter | None) -> None:
         self._writer = writer
+        self._second = -1
+        self._second_text = ""
 
     @property
     def enabled(self) -> bool:
@@ -117,7 +119,11 @@ class AccessLog:
     def write(self, fields: dict[str, object]) -> None:
         if self._writer is None:
             return
-        fields["ts"] = _timestamp(time.time())
+        now = time.time()
+        whole = int(now)
+        if whole != self._second:
+            self._second, self._second_text = whole, _second(whole)
+        fields["ts"] = f"{self._second_text}.{int((now - whole) * 1000):03d}Z"
         fields["level"] = "info"
         fields["logger"] = "sidecar.access"
         self._writer.put(orjson.dumps(fields, default=str).decode())
