@@ -211,6 +211,9 @@ targets = [ { provider = "eager", model = "one", weight = 1 },
                     "model": "amplify", "messages": USER,
                     "mock": {"status": 500, "retry_after": 0}})
                 assert response.status_code == 502
+        budget = httpx.get(sidecar.url + "/admin/api/routes").json()["health"]["retry_budget"]
+        assert budget["refused"] > 0  # the budget, not the retry settings, stopped the rest
+        assert budget["spent"] <= 10 + 0.2 * 100 + 1
     finally:
         sidecar.stop()
     # Unbounded, each request would cost 3 tries on each of 2 targets: 600 upstream requests.

@@ -27,8 +27,12 @@ async def readyz(request: web.Request) -> web.Response:
     keys_ready = verifier is None or verifier.ready
     if readiness.ready and keys_ready:
         return web.Response(body=orjson.dumps({"status": "ready"}), content_type=JSON)
-    reason = "draining" if readiness.draining else "starting" if not readiness.ready else (
-        "no signing keys yet")
+    if readiness.draining:
+        reason = "draining"
+    elif not readiness.ready:
+        reason = "starting"
+    else:
+        reason = "no signing keys yet"
     return web.Response(
         body=orjson.dumps({"status": "not_ready", "reason": reason}),
         status=503,

@@ -27,7 +27,7 @@ from sidecar.protocol.requests import (
     decode_body,
     validate,
 )
-from sidecar.protocol.sse import DONE_FRAME
+from sidecar.protocol.sse import DONE_FRAME, frame
 from sidecar.protocol.sse import HEARTBEAT as HEARTBEAT_FRAME
 from sidecar.routing.table import Route, Target
 from sidecar.security.jwt import Forbidden
@@ -324,7 +324,7 @@ async def _write_stream(
             # Past the first byte the status is spent: say what happened in the stream and
             # end it without [DONE], so the client knows the answer is incomplete.
             request[CONTEXT].fields["stream_error"] = exc.code or exc.type
-            await response.write(b"data: " + exc.to_json() + b"\n\n")
+            await response.write(frame(exc.to_json()))
         await response.write_eof()
         return response
     except ConnectionResetError:
@@ -337,7 +337,8 @@ async def _write_stream(
 
 
 def _frame(data: bytes) -> bytes:
-    return b"data: " + data + b"\n\n" if data else HEARTBEAT_FRAME
+    """An event, or a heartbeat comment for the empty item a silent source yields."""
+    return frame(data) if data else HEARTBEAT_FRAME
 
 
 async def _pump(response: web.StreamResponse, events: AsyncIterator[bytes]) -> None:

@@ -136,7 +136,7 @@ class Router:
         state.reason = error.code or error.type
         asked = _retry_after(error)
         now = time.monotonic()
-        if asked is not None and _status(error) == 429:
+        if asked is not None and error.status == 429:
             state.resting_until = now + asked
         elif state.failures >= self.settings.failures_before_cooldown:
             state.resting_until = now + (asked or self.settings.cooldown_s)
@@ -155,21 +155,21 @@ class Router:
         self._providers_down.pop(provider, None)
 
     def snapshot(self) -> dict[str, dict[str, float]]:
+        """What the admin API shows: who rests, who is down, and the retry budget."""
         now = time.monotonic()
         resting = {label: max(0.0, s.resting_until - now) for label, s in self._targets.items()
                    if s.resting_until > now}
         down = {p: until - now for p, (until, _) in self._providers_down.items() if until > now}
-        return {"resting_targets_s": resting, "providers_down_s": down}
+        budget = self.budget
+        return {"resting_targets_s": resting, "providers_down_s": down,
+                "retry_budget": {"balance": round(budget.balance, 3), "spent": budget.spent,
+                                 "refused": budget.refused}}
 
 
 def blames_target(error: SidecarError) -> bool:
     if isinstance(error, UpstreamStatus):
         return error.status in (429, 503, 504) or error.status >= 500
     return isinstance(error, UpstreamError)
-
-
-def _status(error: SidecarError) -> int:
-    return error.status
 
 
 def _retry_after(error: SidecarError) -> float | None:

@@ -33,7 +33,8 @@ class EdgeHandler(RequestHandler):
         super().connection_made(transport)
         server = self._manager
         if isinstance(server, EdgeServer) and server.open > server.max_connections:
-            server.refused += 1
+            log.warning("connection refused: too many open",
+                        extra={"fields": {"open": server.open, "limit": server.max_connections}})
             self.force_close()
             if isinstance(transport, asyncio.Transport):
                 transport.abort()
@@ -72,7 +73,6 @@ class EdgeServer(web.Server):
     def __init__(self, *args: Any, max_connections: int, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.max_connections = max_connections
-        self.refused = 0
         self.open = 0
 
     def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
