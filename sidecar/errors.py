@@ -96,6 +96,11 @@ class Unavailable(SidecarError):
     code = "service_unavailable"
 
 
+class Spillable(Unavailable):
+    """A target that cannot take the request now (a full queue, a model not loaded): the
+    request goes to another target, if the route has one, at no cost to the retry budget."""
+
+
 class UpstreamError(SidecarError):
     """The upstream answered with something we cannot pass on as a success."""
 

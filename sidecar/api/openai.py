@@ -15,7 +15,7 @@ from aiohttp import web
 from sidecar.api.http import JSON, json_bytes
 from sidecar.backends.base import Call
 from sidecar.cache.memory import MemoryCache, cache_key, deterministic
-from sidecar.errors import ModelNotFound, RequestTimeout, SidecarError
+from sidecar.errors import ModelNotFound, RequestTimeout, SidecarError, Spillable
 from sidecar.gateway import Gateway
 from sidecar.keys import CACHE, CACHE_SECRET, CONTEXT, GATEWAY, LIMITER, SETTINGS
 from sidecar.observability.timing import Timing
@@ -136,7 +136,7 @@ class Exchange:
 class Reached:
     """The target that took a request: its whole answer, or its stream and first event."""
 
-    __slots__ = ("answer", "events", "first", "target", "timing", "tried")
+    __slots__ = ("answer", "events", "first", "spilled", "target", "timing", "tried")
 
     def __init__(self, target: Target, tried: list[Target] | None, timing: Timing) -> None:
         self.target = target
@@ -145,14 +145,22 @@ class Reached:
         self.answer = b""
         self.events: AsyncGenerator[bytes, None] | None = None
         self.first: bytes | None = None
+        self.spilled: list[Target] | None = None
 
     def headers(self, fields: dict[str, object]) -> dict[str, str]:
         fields["target"] = self.target.label
         extra = {"X-Sidecar-Target": self.target.label}
-        if self.tried:
-            failed = ", ".join(t.label for t in self.tried)
-            extra["X-Sidecar-Fallback-From"] = failed
-            fields["fallback_from"] = failed
+        spilled = self.spilled
+        failed = [t for t in self.tried if spilled is None or t not in spilled] if self.tried \
+            else None
+        if failed:
+            labels = ", ".join(t.label for t in failed)
+            extra["X-Sidecar-Fallback-From"] = labels
+            fields["fallback_from"] = labels
+        if spilled:
+            labels = ", ".join(t.label for t in spilled)
+            extra["X-Sidecar-Spill-Over-From"] = labels
+            fields["spill_over_from"] = labels
         return extra
 
 
@@ -162,14 +170,26 @@ async def _reach(request: web.Request, gateway: Gateway, exchange: Exchange) -> 
     router = gateway.router
     router.budget.deposit()
     parsed = exchange.parsed
+    route = exchange.route
     streaming = isinstance(parsed, Sampling) and parsed.stream
     tried: list[Target] | None = None
+    spilled: list[Target] | None = None
+    # Local targets skipped, and counted as spilled, because the prompt is long.
+    skip = route.long_prompt(len(exchange.body) // 4) if route.prefer_local_below_tokens \
+        else None
+    if skip:
+        context.fields["rule"] = "long_prompt"
     while True:
-        target = router.pick(exchange.route, tried)
+        target = router.pick(route, tried, skip)
         call = Call(exchange.endpoint, exchange.body_for(target), context.request_id,
                     context.timing, router.budget)
+        if target.local:
+            # A local engine that is loading keeps the request only if nothing else can.
+            call.patient = not (route.spill_over and router.has_candidate(
+                route, [*(tried if tried is not None else skip or ()), target]))
         backend = gateway.backends[target.provider]
         reached = Reached(target, tried, call.timing)
+        reached.spilled = spilled
         try:
             if streaming:
                 # Nothing is sent before the first event: until then an error is a plain
@@ -185,9 +205,17 @@ async def _reach(request: web.Request, gateway: Gateway, exchange: Exchange) -> 
             else:
                 reached.answer = await backend.complete(call)
         except SidecarError as exc:
+            after = [*(tried if tried is not None else skip or ()), target]
+            if isinstance(exc, Spillable):
+                # Full or not ready: the next target, free of the retry budget.
+                if route.spill_over and router.has_candidate(route, after):
+                    tried = after
+                    spilled = [*(spilled or ()), target]
+                    continue
+                raise
             if not router.failed(target, exc):
                 raise
-            tried = [*(tried or ()), target]
+            tried = after
             if not router.has_candidate(exchange.route, tried) or not router.budget.withdraw():
                 raise
             continue

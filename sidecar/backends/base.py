@@ -23,6 +23,9 @@ class Call:
     timing: Timing
     # Retries are spent from this, shared with fallbacks, when the router gives one.
     budget: RetryBudget | None = None
+    # No other target could take this request: a local engine that is loading makes it
+    # wait rather than refusing it.
+    patient: bool = True
 
     def may_retry(self) -> bool:
         return self.budget is None or self.budget.withdraw()

@@ -70,19 +70,24 @@ class Router:
         down = self._providers_down.get(target.provider)
         return down is None or down[0] <= now
 
-    def pick(self, route: Route, tried: list[Target] | None) -> Target:
-        """The next target for a request that already tried `tried` (None on the first go)."""
+    def pick(self, route: Route, tried: list[Target] | None,
+             skip: list[Target] | None = None) -> Target:
+        """The next target for a request that already tried `tried` (None on the first go);
+        a first go avoids `skip` when another target can serve."""
         if not tried:
             first = route.choose()
-            if first is not None and not self._targets and not self._providers_down:
+            if (first is not None and skip is None and not self._targets
+                    and not self._providers_down):
                 return first  # nothing fails or rests anywhere: the common case, no clock read
             now = time.monotonic()
-            if first is not None and self.usable(first, now):
+            if first is not None and (skip is None or first not in skip) and self.usable(
+                    first, now):
                 return first
-            chosen = route.choose_among(t for t in route.targets if self.usable(t, now))
+            chosen = route.choose_among(t for t in route.targets if self.usable(t, now)
+                                        and (skip is None or t not in skip))
             if chosen is not None:
                 return chosen
-            tried = []
+            tried = list(skip or ())
         else:
             now = time.monotonic()
         for target in route.fallbacks():

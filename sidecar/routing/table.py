@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Any
 
-from sidecar.config import Settings
+from sidecar.config import LocalProviderSettings, Settings
 from sidecar.errors import InvalidRequest
 
 
@@ -19,6 +19,7 @@ class Target:
     model: str  # the upstream's own model id
     weight: float
     fallback_only: bool = False
+    local: bool = False  # served by an engine in this process
     label: str = field(init=False)  # "provider/model", as headers and logs show it
 
     def __post_init__(self) -> None:
@@ -33,11 +34,17 @@ class Route:
     """The targets of one public model name. `choose` picks among the weighted (not
     fallback-only) targets at random in proportion to weight, skipping those `usable` refuses."""
 
-    __slots__ = ("_cumulative", "_only", "_random", "_rotation", "_total", "name", "targets")
+    __slots__ = ("_cumulative", "_only", "_random", "_rotation", "_total", "name",
+                 "prefer_local_below_tokens", "spill_over", "targets")
 
-    def __init__(self, name: str, targets: list[Target], rng: random.Random | None = None) -> None:
+    def __init__(self, name: str, targets: list[Target], rng: random.Random | None = None, *,
+                 spill_over: bool = True, prefer_local_below_tokens: int = 0) -> None:
         self.name = name
         self.targets = targets
+        # A local target that is full or not ready passes the request to the others.
+        self.spill_over = spill_over
+        # Prompts estimated longer than this skip the local targets (0: no such rule).
+        self.prefer_local_below_tokens = prefer_local_below_tokens
         self._random = (rng or random.Random()).random
         self._rotation = [t for t in targets if t.weight > 0 and not t.fallback_only]
         self._only = self._rotation[0] if len(self._rotation) == 1 else None
@@ -64,6 +71,17 @@ class Route:
                 return target
         return pool[-1]
 
+    def long_prompt(self, estimated_tokens: int) -> list[Target] | None:
+        """The local targets to skip for a prompt this long, when the rule applies and
+        another target can take it."""
+        limit = self.prefer_local_below_tokens
+        if not limit or estimated_tokens < limit:
+            return None
+        local = [t for t in self.targets if t.local]
+        if not local or len(local) == len(self.targets):
+            return None
+        return local
+
     def fallbacks(self) -> list[Target]:
         """Every target with a weight, heaviest first, fallback-only ones last."""
         live = [t for t in self.targets if t.weight > 0 or t.fallback_only]
@@ -78,10 +96,14 @@ class RouteTable:
     @classmethod
     def from_settings(cls, settings: Settings) -> RouteTable:
         routes = {}
+        local = {name for name, p in settings.providers.items()
+                 if isinstance(p, LocalProviderSettings)}
         for name, entry in settings.models.items():
-            targets = [Target(t.provider, t.model or name, t.weight, t.fallback_only)
+            targets = [Target(t.provider, t.model or name, t.weight, t.fallback_only,
+                              t.provider in local)
                        for t in entry.targets]
-            routes[name] = Route(name, targets)
+            routes[name] = Route(name, targets, spill_over=entry.spill_over,
+                                 prefer_local_below_tokens=entry.prefer_local_below_tokens)
         return cls(routes, settings.providers)
 
     def get(self, name: str) -> Route | None:
@@ -131,11 +153,12 @@ class RouteTable:
                 raise InvalidRequest(f"`{where}.fallback_only` must be true or false.",
                                      param=f"{where}.fallback_only")
             targets[matches[0]] = Target(current.provider, current.model, float(weight),
-                                         fallback_only)
+                                         fallback_only, current.local)
         if not any(t.weight > 0 and not t.fallback_only for t in targets):
             raise InvalidRequest(
                 f"The change would leave `{model}` with no routable target (every weight 0 or "
                 "fallback-only).", param="targets")
         before = [t.to_json() for t in route.targets]
-        self._routes[model] = Route(model, targets)
+        self._routes[model] = Route(model, targets, spill_over=route.spill_over,
+                                    prefer_local_below_tokens=route.prefer_local_below_tokens)
         return before, [t.to_json() for t in targets]

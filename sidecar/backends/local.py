@@ -1,0 +1,291 @@
+"""A model inside this process behind the OpenAI API: the request is mapped onto an engine's
+parameters, and what the engine generates becomes OpenAI's chunks and answers."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+from time import perf_counter
+from typing import Any
+
+import orjson
+
+from sidecar.backends.base import HEARTBEAT, Call
+from sidecar.config import LocalProviderSettings
+from sidecar.engines.base import Params, ThreadedEngine
+from sidecar.errors import InvalidRequest
+
+
+@dataclass(slots=True)
+class Plan:
+    """A request the engine can run: its prompt ids and parameters, and how to answer."""
+
+    chat: bool
+    model: str
+    prompt_ids: list[int]
+    params: Params
+    include_usage: bool
+
+
+class LocalBackend:
+    def __init__(self, name: str, engine: ThreadedEngine, settings: LocalProviderSettings,
+                 heartbeat_s: float) -> None:
+        self.name = name
+        self.engine = engine
+        self.settings = settings
+        self.heartbeat_s = heartbeat_s
+        self.fingerprint = f"fp_local_{engine.kind}"
+
+    async def complete(self, call: Call) -> bytes:
+        plan = await self._plan(call)
+        job = await self.engine.submit(plan.prompt_ids, plan.params, wait=call.patient)
+        pieces: list[str] = []
+        finish = "stop"
+        tokens = 0
+        started = perf_counter()
+        try:
+            async for delta in job.deltas():
+                assert delta is not None
+                pieces.append(delta.text)
+                tokens = delta.completion_tokens
+                if delta.finish_reason is not None:
+                    finish = delta.finish_reason
+        finally:
+            job.cancel()  # a client gone mid-generation frees the slot
+            call.timing.upstream += perf_counter() - started  # the model's time, not ours
+        text = "".join(pieces)
+        usage = _usage(len(plan.prompt_ids), tokens)
+        if plan.chat:
+            choice: dict[str, Any] = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text, "refusal": None},
+                "logprobs": None, "finish_reason": finish,
+            }
+            kind, prefix = "chat.completion", "chatcmpl-"
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            kind, prefix = "text_completion", "cmpl-"
+        return orjson.dumps({
+            "id": prefix + uuid.uuid4().hex[:24], "object": kind, "created": int(time.time()),
+            "model": plan.model, "choices": [choice], "usage": usage,
+            "system_fingerprint": self.fingerprint,
+        })
+
+    async def stream(self, call: Call) -> AsyncGenerator[bytes, None]:
+        plan = await self._plan(call)
+        job = await self.engine.submit(plan.prompt_ids, plan.params, wait=call.patient)
+        try:
+            head: dict[str, Any] = {
+                "id": ("chatcmpl-" if plan.chat else "cmpl-") + uuid.uuid4().hex[:24],
+                "object": "chat.completion.chunk" if plan.chat else "text_completion",
+                "created": int(time.time()), "model": plan.model,
+                "system_fingerprint": self.fingerprint,
+            }
+            if plan.include_usage:
+                head["usage"] = None
+            chunk = _Chunks(head, plan.chat)
+            if plan.chat:  # OpenAI's first chunk names the role
+                yield chunk.delta({"role": "assistant", "content": "", "refusal": None})
+            tokens = 0
+            deltas = job.deltas(self.heartbeat_s)
+            timing = call.timing
+            while True:
+                waited = perf_counter()
+                try:
+                    delta = await anext(deltas)
+                except StopAsyncIteration:
+                    break
+                finally:
+                    timing.upstream += perf_counter() - waited
+                if delta is None:
+                    yield HEARTBEAT
+                    continue
+                tokens = delta.completion_tokens
+                if delta.text:
+                    yield chunk.text(delta.text)
+                if delta.finish_reason is not None:
+                    yield chunk.finish(delta.finish_reason)
+            if plan.include_usage:
+                yield orjson.dumps({**head, "choices": [],
+                                    "usage": _usage(len(plan.prompt_ids), tokens)})
+        finally:
+            job.cancel()
+
+    async def probe(self) -> bool:
+        """A hung engine is taken out of rotation; one that loads is not (it will answer)."""
+        return not self.engine.hung()
+
+    async def close(self) -> None:
+        await self.engine.close()
+
+    # -- mapping -----------------------------------------------------------------------
+
+    async def _plan(self, call: Call) -> Plan:
+        engine = self.engine
+        if not engine.ready:  # the template and tokenizer come with the model
+            await engine.ensure_ready(call.patient)
+        return self.plan(call)
+
+    def plan(self, call: Call) -> Plan:
+        payload = orjson.loads(call.body)
+        if call.endpoint == "embeddings":
+            raise InvalidRequest(
+                f"The local model behind `{payload.get('model')}` does not serve embeddings.",
+                param="model", code="unsupported_endpoint")
+        chat = call.endpoint == "chat/completions"
+        _refuse_unsupported(payload, chat)
+        engine = self.engine
+        if chat:
+            messages = _messages(payload["messages"])
+            prompt_ids = engine.encode_prompt(engine.render_chat(messages))
+        else:
+            prompt_ids = _prompt_ids(payload["prompt"], engine)
+        return Plan(
+            chat=chat,
+            model=str(payload["model"]),
+            prompt_ids=prompt_ids,
+            params=self._params(payload, len(prompt_ids)),
+            include_usage=bool(payload.get("stream") and
+                               (payload.get("stream_options") or {}).get("include_usage")),
+        )
+
+    def _params(self, payload: dict[str, Any], prompt_tokens: int) -> Params:
+        limit = payload.get("max_completion_tokens") or payload.get("max_tokens")
+        if limit is None:
+            room = self.engine.max_seq_len - prompt_tokens
+            default = self.settings.default_max_tokens
+            limit = min(default, room) if default else room
+            limit = max(limit, 1)  # a prompt that fills the context is refused by the engine
+        stop = payload.get("stop")
+        stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        if len(stops) > 4:
+            raise InvalidRequest("Invalid value for `stop`: at most 4 sequences.", param="stop")
+        top_k = payload.get("top_k", 0)
+        if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
+            raise InvalidRequest("Invalid value for `top_k`: expected an integer >= 0.",
+                                 param="top_k")
+        return Params(
+            max_tokens=int(limit),
+            temperature=_number(payload, "temperature", 1.0),
+            top_p=_number(payload, "top_p", 1.0),
+            top_k=top_k,
+            presence_penalty=_number(payload, "presence_penalty", 0.0),
+            frequency_penalty=_number(payload, "frequency_penalty", 0.0),
+            seed=payload.get("seed"),
+            stop=stops,
+        )
+
+
+class _Chunks:
+    """OpenAI's stream chunks for one answer."""
+
+    __slots__ = ("chat", "head")
+
+    def __init__(self, head: dict[str, Any], chat: bool) -> None:
+        self.head = head
+        self.chat = chat
+
+    def delta(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return orjson.dumps({**self.head, "choices": [choice]})
+
+    def text(self, text: str) -> bytes:
+        if self.chat:
+            return self.delta({"content": text})
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": None}
+        return orjson.dumps({**self.head, "choices": [choice]})
+
+    def finish(self, reason: str) -> bytes:
+        if self.chat:
+            return self.delta({}, reason)
+        choice = {"index": 0, "text": "", "logprobs": None, "finish_reason": reason}
+        return orjson.dumps({**self.head, "choices": [choice]})
+
+
+def _usage(prompt: int, completion: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
+
+
+def _number(payload: dict[str, Any], name: str, default: float) -> float:
+    value = payload.get(name)
+    return default if value is None else float(value)
+
+
+# Fields a local model cannot honour: refused with a clear 400 rather than ignored.
+_UNSUPPORTED = {
+    "tools": "tool calling", "functions": "function calling", "logprobs": "logprobs",
+    "top_logprobs": "logprobs", "logit_bias": "logit_bias", "audio": "audio output",
+    "prediction": "predicted outputs", "suffix": "suffix", "best_of": "best_of",
+    "echo": "echo",
+}
+
+
+def _refuse_unsupported(payload: dict[str, Any], chat: bool) -> None:
+    n = payload.get("n")
+    if n not in (None, 1):
+        raise InvalidRequest(
+            "The local engine generates one choice per request; `n` must be 1.", param="n")
+    for name, what in _UNSUPPORTED.items():
+        if not _is_off(name, payload.get(name)):
+            raise InvalidRequest(f"The local engine does not support {what} (`{name}`).",
+                                 param=name, code="unsupported_parameter")
+    response_format = payload.get("response_format")
+    if isinstance(response_format, dict) and response_format.get("type", "text") != "text":
+        raise InvalidRequest(
+            "The local engine does not support structured output (`response_format`).",
+            param="response_format", code="unsupported_parameter")
+    modalities = payload.get("modalities")
+    if chat and modalities not in (None, ["text"]):
+        raise InvalidRequest("The local engine answers in text only (`modalities`).",
+                             param="modalities", code="unsupported_parameter")
+
+
+def _is_off(name: str, value: Any) -> bool:
+    if value is None or value is False or value in ("", [], {}):
+        return True
+    if name == "best_of":
+        return bool(value == 1)
+    if name == "top_logprobs":
+        return bool(value == 0)
+    return False
+
+
+def _messages(raw: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Messages as chat templates expect them: string content, no image parts."""
+    out = []
+    for i, message in enumerate(raw):
+        content = message.get("content")
+        if isinstance(content, list):
+            texts = []
+            for j, part in enumerate(content):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "text" and isinstance(part.get("text"), str):
+                    texts.append(part["text"])
+                    continue
+                raise InvalidRequest(
+                    f"The local model reads text only; messages[{i}].content[{j}] is "
+                    f"{kind or 'not a content part'!r}.",
+                    param=f"messages[{i}].content[{j}]", code="unsupported_content")
+            content = "\n".join(texts)
+        role = message.get("role")
+        out.append({"role": "system" if role == "developer" else role,
+                    "content": content or ""})
+    return out
+
+
+def _prompt_ids(prompt: Any, engine: ThreadedEngine) -> list[int]:
+    """A legacy prompt: one string or one list of token ids (one prompt per request)."""
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return engine.encode_prompt(prompt)
+    if isinstance(prompt, list) and prompt and all(
+            isinstance(t, int) and 0 <= t < engine.vocab_size for t in prompt):
+        return list(prompt)
+    if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+        raise InvalidRequest(f"Invalid value for `prompt`: token ids must be in [0, "
+                             f"{engine.vocab_size}).", param="prompt")
+    raise InvalidRequest("The local engine takes one prompt per request.", param="prompt")

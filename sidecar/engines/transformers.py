@@ -1,0 +1,202 @@
+"""The CPU engine: a transformers causal LM, driven token by token on the worker thread.
+
+Each active job keeps its own KV cache; the worker advances every active job by one token per
+round, so concurrent requests all make progress (interleaved, not batched: on a small CPU
+model a batched forward buys little, and this keeps every sequence's cache its own).
+"""
+
+from __future__ import annotations
+
+import inspect
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sidecar.engines import models
+from sidecar.engines.base import Delta, EngineNotReady, EngineUnusable, Job, ThreadedEngine
+from sidecar.engines.prompt import Prompting, eos_ids
+from sidecar.engines.sampling import next_token
+from sidecar.engines.text import Detokenizer
+
+
+def check_available() -> None:
+    try:
+        import tokenizers  # noqa: F401
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as exc:
+        raise EngineUnusable(
+            f'engine "transformers" needs torch, transformers and tokenizers ({exc.name} is not '
+            "installed): pip install 'llm-sidecar[cpu]'"
+        ) from None
+
+
+@dataclass(slots=True)
+class _Loaded:
+    model: Any
+    prompting: Prompting  # used on the event loop
+    decoder: Any  # a tokenizers.Tokenizer of the worker thread's own
+    eos_ids: frozenset[int]
+    vocab_size: int
+    cache_arg: str  # "cache" in newer transformers, "past_key_values" before
+
+    def forward(self, ids: list[list[int]], cache: Any) -> tuple[Any, Any]:
+        """Logits of the last position and the updated KV cache."""
+        import torch
+
+        kwargs = {self.cache_arg: cache} if cache is not None else {}
+        out = self.model(input_ids=torch.tensor(ids), use_cache=True, logits_to_keep=1,
+                         **kwargs)
+        new_cache = out.get("cache")
+        if new_cache is None:
+            new_cache = out.get("past_key_values")
+        return out.logits[0, -1], new_cache
+
+
+class _Sequence:
+    """A job's state on the worker: its cache, its tokens, its text so far."""
+
+    __slots__ = ("counts", "detok", "generated", "generator", "past", "pending")
+
+    def __init__(self, past: Any, pending: int, generator: Any, counts: Any,
+                 detok: Detokenizer) -> None:
+        self.past = past
+        self.pending = pending  # sampled, not yet emitted nor fed back
+        self.generated: list[int] = []
+        self.generator = generator
+        self.counts = counts
+        self.detok = detok
+
+
+class TransformersEngine(ThreadedEngine):
+    kind = "transformers"
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._loaded: _Loaded | None = None
+        self._configured_seq_len = self.max_seq_len
+
+    # -- loading (in a thread) ---------------------------------------------------------
+
+    def _load(self, model: str) -> None:
+        check_available()
+        import torch
+        from tokenizers import Tokenizer
+        from transformers import AutoModelForCausalLM
+
+        quiet_transformers()
+        path = models.resolve(model)
+        network = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32, local_files_only=True)
+        network.eval()  # type: ignore[no-untyped-call]
+        config = network.config
+        limit = getattr(config, "max_position_embeddings", None) or self._configured_seq_len
+        self.max_seq_len = min(self._configured_seq_len, int(limit))
+        self.vocab_size = int(config.vocab_size)
+        names = inspect.signature(network.forward).parameters
+        self._loaded = _Loaded(
+            model=network,
+            prompting=Prompting(path),
+            decoder=Tokenizer.from_file(str(path / "tokenizer.json")),
+            eos_ids=eos_ids(path, getattr(config, "eos_token_id", None)),
+            vocab_size=int(config.vocab_size),
+            cache_arg="cache" if "cache" in names else "past_key_values",
+        )
+
+    def _unload(self) -> None:
+        self._loaded = None
+
+    # -- the loop's side ---------------------------------------------------------------
+
+    def render_chat(self, messages: list[dict[str, Any]]) -> str:
+        return self._require().prompting.render_chat(messages)
+
+    def encode_prompt(self, text: str) -> list[int]:
+        return self._require().prompting.encode(text)
+
+    def _require(self) -> _Loaded:
+        loaded = self._loaded
+        if loaded is None:
+            raise EngineNotReady("No local model is loaded.", headers={"Retry-After": "5"})
+        return loaded
+
+    # -- the worker's side -------------------------------------------------------------
+
+    def _start(self, job: Job) -> None:
+        import torch
+
+        loaded = self._require()
+        params = job.params
+        generator = torch.Generator()
+        generator.manual_seed(params.seed if params.seed is not None
+                              else secrets.randbits(63))
+        counts = None
+        if params.presence_penalty or params.frequency_penalty:
+            counts = torch.zeros(loaded.vocab_size)
+        with torch.inference_mode():
+            logits, cache = loaded.forward([job.prompt_ids], None)
+            token = next_token(logits, params, counts, generator)
+        decoder = loaded.decoder
+
+        def decode(ids: Sequence[int]) -> str:
+            return str(decoder.decode(list(ids), skip_special_tokens=True))
+
+        job.native = _Sequence(cache, token, generator, counts,
+                               Detokenizer(decode, params.stop))
+
+    def _step(self, active: list[Job]) -> list[tuple[Job, Delta]]:
+        import torch
+
+        loaded = self._require()
+        produced: list[tuple[Job, Delta]] = []
+        with torch.inference_mode():
+            for job in active:
+                delta = self._advance(job, loaded)
+                produced.append((job, delta))
+                if delta.finish_reason is not None:
+                    job.native = None  # frees the cache now
+        return produced
+
+    def _advance(self, job: Job, loaded: _Loaded) -> Delta:
+        seq: _Sequence = job.native
+        token = seq.pending
+        seq.generated.append(token)
+        count = len(seq.generated)
+        if token in loaded.eos_ids:
+            seq.generated.pop()  # the end-of-turn token is not text
+            seq.detok.push(seq.generated)
+            return Delta(seq.detok.flush(), count, "stop")
+        text, stopped = seq.detok.push(seq.generated)
+        if stopped:
+            return Delta(text, count, "stop")
+        if count >= job.params.max_tokens:
+            return Delta(text + seq.detok.flush(), count, "length")
+        if seq.counts is not None:
+            seq.counts[token] += 1
+        logits, seq.past = loaded.forward([[token]], seq.past)
+        seq.pending = next_token(logits, job.params, seq.counts, seq.generator)
+        return Delta(text, count)
+
+    def _drop(self, job: Job) -> None:
+        job.native = None
+
+    def generate_direct(self, prompt_ids: list[int], params: Any) -> tuple[str, int]:
+        """The same generation loop without the queue, the thread hand-off or HTTP: what a
+        benchmark compares the sidecar against. Blocking."""
+        job = Job(self, prompt_ids, params)
+        self._start(job)
+        pieces = []
+        while True:
+            [(_, delta)] = self._step([job])
+            pieces.append(delta.text)
+            if delta.finish_reason is not None:
+                return "".join(pieces), delta.completion_tokens
+
+
+def quiet_transformers() -> None:
+    """No progress bars or advice on the sidecar's log: it is JSON lines."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
