@@ -100,6 +100,10 @@ class LocalProviderSettings(Struct, kw_only=True, forbid_unknown_fields=True, ta
     stall_s: PositiveFloat = 30.0
     # A request that arrives while the model loads waits this long, then gets a 503.
     load_wait_s: Annotated[float, Meta(ge=0)] = 60.0
+    # The CPU engine generates at idle priority (SCHED_IDLE), so request handling always
+    # runs first. On a machine whose cores are always busy that can starve the model: set
+    # false there.
+    idle_priority: bool = True
 
 
 AnyProvider = ProviderSettings | LocalProviderSettings

@@ -12,6 +12,7 @@ words of a fixed script, one token each. Only the engine's own logic is under te
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,7 @@ class Generator:
         self.gate = threading.Event()  # iterate() waits on this while it is clear
         self.gate.set()
         self.threads: set[str] = set()
+        self.step_s = 0.0  # how long a step takes (a real one is a forward pass)
 
     def enqueue(self, job: Job) -> int:
         job.eos_after = self.eos_after
@@ -99,6 +101,8 @@ class Generator:
     def iterate(self) -> list[dict[str, Any]]:
         self.threads.add(threading.current_thread().name)
         self.gate.wait(5)
+        if self.step_s:
+            time.sleep(self.step_s)
         self.iterations += 1
         if self.fail_next:
             self.fail_next -= 1

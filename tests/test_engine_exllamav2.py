@@ -93,6 +93,7 @@ async def test_a_stop_string_or_token_ends_with_stop(
 async def test_cancel_frees_the_slot_before_the_next_token(
         engine: tuple[ExLlamaV2Engine, Generator]) -> None:
     exl, generator = engine
+    generator.step_s = 0.005  # 200 tokens take a second: the cancel lands mid-job
     job = await exl.submit([1, 2, 3], Params(max_tokens=200), wait=True)
     seen = 0
     async for _ in job.deltas():

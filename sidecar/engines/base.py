@@ -352,6 +352,7 @@ class ThreadedEngine:
     _stopping = False
 
     def _run(self) -> None:
+        self._worker_started()
         waiting: collections.deque[Job] = collections.deque()
         active: list[Job] = []
         inbox = self._inbox
@@ -458,6 +459,9 @@ class ThreadedEngine:
     def _step(self, active: list[Job]) -> Iterable[tuple[Job, Delta]]:
         """Advance the active jobs by about one token each; yields their new deltas."""
         raise NotImplementedError
+
+    def _worker_started(self) -> None:
+        """Runs first on the worker thread."""
 
     def _drop(self, job: Job) -> None:
         """Forget a job that was cancelled (free its cache)."""

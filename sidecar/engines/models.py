@@ -8,11 +8,13 @@ directory under the cache directory, so later starts load in about a second.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from sidecar.engines.base import EngineUnusable
 
@@ -99,7 +101,6 @@ def convert_gguf(source: Path, filename: str, target: Path) -> None:
     """GGUF -> FP16 safetensors + tokenizer + chat template, written atomically."""
     try:
         import torch
-        from safetensors.torch import save_model
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError as exc:
         raise ModelUnavailable(
@@ -115,15 +116,41 @@ def convert_gguf(source: Path, filename: str, target: Path) -> None:
         tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=filename)
         model = AutoModelForCausalLM.from_pretrained(source, gguf_file=filename,
                                                      dtype=torch.float16)
-        save_model(model, str(work / "model.safetensors"), metadata={"format": "pt"})
         config = model.config
         if hasattr(config, "quantization_config"):
             del config.quantization_config  # the weights written are plain FP16
-        config.save_pretrained(work)
-        model.generation_config.save_pretrained(work)
-        tokenizer.save_pretrained(work)
+        save_model_dir(model, tokenizer, work)
         if target.exists():
             shutil.rmtree(target)
         os.replace(work, target)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def save_model_dir(model: Any, tokenizer: Any, path: Path) -> None:
+    """A model directory both engines read: FP16 safetensors with every tensor written out
+    (ExLlamaV2 expects `lm_head` even where the embeddings are tied), config.json with the
+    fields ExLlamaV2 reads (`architectures`, `rope_theta`), the tokenizer and the template."""
+    from safetensors.torch import save_file
+
+    state = {}
+    seen: set[int] = set()
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().to("cpu").contiguous()
+        if tensor.data_ptr() in seen:  # tied to a tensor already written: its own copy
+            tensor = tensor.clone()
+        seen.add(tensor.data_ptr())
+        state[name] = tensor
+    if "lm_head.weight" not in state and "model.embed_tokens.weight" in state:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    model.config.save_pretrained(path)
+    model.generation_config.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    config_file = path / "config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config.setdefault("architectures", [type(model).__name__])
+    rope = config.get("rope_parameters") or {}
+    if "rope_theta" not in config and isinstance(rope, dict) and "rope_theta" in rope:
+        config["rope_theta"] = rope["rope_theta"]
+    config_file.write_text(json.dumps(config, indent=2), encoding="utf-8")

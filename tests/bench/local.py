@@ -1,0 +1,196 @@
+"""The local engine benchmark: the embedded CPU model through the sidecar against the same
+engine's own generation loop, and proxied requests while the local model generates.
+
+Run with `python -m tests.bench.local` (after `make test` or `make serve` has installed).
+Everything is loopback; the mock upstream is tests/bench/mock.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import httpx
+import orjson
+
+from sidecar.engines.base import Params
+from sidecar.engines.transformers import TransformersEngine
+from tests.bench.gateway import LOAD_CPU, PY, ROOT, free_port, pct, process
+
+PROMPT = [{"role": "user", "content": "Write a long story about a dragon who learns to cook."}]
+CONFIG = """
+[server]
+host = "127.0.0.1"
+port = {port}
+
+[logging]
+requests = false
+
+[providers.local]
+kind = "local"
+engine = "transformers"
+max_seq_len = 2048
+max_batch_size = 4
+
+[providers.mock]
+kind = "openai"
+base_url = "http://127.0.0.1:{mock}/v1"
+
+[models."local"]
+targets = [ {{ provider = "local" }} ]
+
+[models."bench"]
+targets = [ {{ provider = "mock", model = "bench-upstream" }} ]
+
+[routing]
+probe_interval_s = 0
+state_file = "{state}"
+"""
+CHAT = orjson.dumps({"model": "bench", "messages": [{"role": "user", "content": "hi"}]})
+
+
+def through_sidecar(url: str, tokens: int) -> tuple[float, int]:
+    """Seconds from sending the request to the last token, and the tokens received."""
+    body = {"model": "local", "messages": PROMPT, "temperature": 0, "max_tokens": tokens,
+            "stream": True, "stream_options": {"include_usage": True}}
+    started = time.perf_counter()
+    last, count = started, 0
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=300) as reply:
+        for line in reply.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = orjson.loads(line[6:])
+            if chunk.get("usage"):
+                count = chunk["usage"]["completion_tokens"]
+            elif chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                last = time.perf_counter()
+    return last - started, count
+
+
+def raw_loop(engine: TransformersEngine, tokens: int) -> tuple[float, int]:
+    ids = engine.encode_prompt(engine.render_chat(PROMPT))
+    started = time.perf_counter()
+    _, count = engine.generate_direct(ids, Params(max_tokens=tokens, temperature=0))
+    return time.perf_counter() - started, count
+
+
+async def latencies(url: str, count: int) -> list[float]:
+    out = []
+    async with aiohttp.ClientSession() as session:
+        for _ in range(count):
+            started = time.perf_counter()
+            async with session.post(url, data=CHAT,
+                                    headers={"Content-Type": "application/json"}) as reply:
+                await reply.read()
+                assert reply.status == 200, reply.status
+            out.append((time.perf_counter() - started) * 1000)
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--latency-rounds", type=int, default=5)
+    parser.add_argument("--keep-generating", nargs=2, metavar=("URL", "FLAG"),
+                        help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.keep_generating:  # the helper process: short local streams while FLAG exists
+        url, flag = args.keep_generating[0], Path(args.keep_generating[1])
+        while True:
+            if flag.exists():
+                through_sidecar(url, 16)
+            else:
+                time.sleep(0.01)
+
+    engine = TransformersEngine(max_batch_size=1, max_queue=1, max_seq_len=2048, stall_s=60,
+                                load_wait_s=60)
+
+    async def load() -> None:
+        await engine.load("builtin:smollm2-135m-instruct")
+
+    asyncio.run(load())
+    work = Path(tempfile.mkdtemp(prefix="bench-local-"))
+    mock_port, port = free_port(), free_port()
+    config = work / "sidecar.toml"
+    config.write_text(CONFIG.format(port=port, mock=mock_port, state=work / "routes.json"))
+    with process([PY, "-m", "tests.bench.mock", str(mock_port)], LOAD_CPU, mock_port), \
+            process([PY, "-m", "sidecar", "serve", "--config", str(config)], "0-1", port,
+                    log=work / "sidecar.log"):
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while httpx.get(url + "/readyz").status_code != 200:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the local model did not load")
+            time.sleep(0.2)
+        through_sidecar(url, 8)  # warm both up
+        raw_loop(engine, 8)
+        raw_rates, side_rates = [], []
+        for _ in range(args.rounds):
+            seconds, count = raw_loop(engine, args.tokens)
+            raw_rates.append(count / seconds)
+            seconds, count = through_sidecar(url, args.tokens)
+            side_rates.append(count / seconds)
+        asyncio.run(engine.close())
+
+        direct = f"http://127.0.0.1:{mock_port}/v1/chat/completions"
+        proxied = f"{url}/v1/chat/completions"
+        # Rounds alternate idle and busy, each against that round's direct call; the local
+        # streams are read by another process, so this one's GIL measures only the sidecar.
+        flag = work / "generate"
+        added: dict[str, list[list[float]]] = {"idle": [], "busy": []}
+        with subprocess.Popen([PY, "-m", "tests.bench.local", "--keep-generating", url,
+                               str(flag)], cwd=ROOT) as helper:
+            for _ in range(args.latency_rounds):
+                for phase in ("idle", "busy"):
+                    if phase == "busy":
+                        flag.touch()
+                        time.sleep(0.5)
+                    base = asyncio.run(latencies(direct, args.requests))
+                    values = asyncio.run(latencies(proxied, args.requests))
+                    if phase == "busy":
+                        active = httpx.get(url + "/admin/api/engines").json()["engines"]
+                        assert active["local"]["active_jobs"] == 1, active
+                        flag.unlink()
+                        time.sleep(1.5)  # the last local request ends
+                    added[phase].append([pct(values, q) - pct(base, q) for q in (0.5, 0.99)])
+            helper.terminate()
+
+    raw_rate, side_rate = statistics.median(raw_rates), statistics.median(side_rates)
+    ratios = [[b[i] / a[i] for a, b in zip(added["idle"], added["busy"], strict=True)]
+              for i in (0, 1)]
+    median = {phase: [statistics.median(r[i] for r in rounds) for i in (0, 1)]
+              for phase, rounds in added.items()}
+    rows = [
+        ("measure", "reference", "llm-sidecar", "ratio", "goal"),
+        (f"CPU engine tokens/s, one stream ({args.tokens} tokens, greedy)",
+         f"{raw_rate:.1f} raw loop", f"{side_rate:.1f}", f"{side_rate / raw_rate:.2f}",
+         ">= 0.95"),
+        ("proxied request added latency p50, ms (idle -> local model generating)",
+         f"{median['idle'][0]:.3f}", f"{median['busy'][0]:.3f}",
+         f"{statistics.median(ratios[0]):.2f}", ""),
+        ("proxied request added latency p99, ms (idle -> local model generating)",
+         f"{median['idle'][1]:.3f}", f"{median['busy'][1]:.3f}",
+         f"{statistics.median(ratios[1]):.2f}", "<= 1.5"),
+    ]
+    print(f"tokens/s rounds: raw {[round(r, 1) for r in raw_rates]}, "
+          f"sidecar {[round(r, 1) for r in side_rates]}; p99 ratio per round: "
+          f"{[round(r, 2) for r in ratios[1]]}")
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    for i, row in enumerate(rows):
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |")
+        if i == 0:
+            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
