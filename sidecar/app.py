@@ -17,7 +17,8 @@ from sidecar.api.middleware import Guard, make_edge
 from sidecar.backends.base import Backend
 from sidecar.backends.local import LocalBackend
 from sidecar.backends.upstream_openai import OpenAIUpstream
-from sidecar.cache.memory import MemoryCache
+from sidecar.cache.memory import MemoryCache, ResponseCache
+from sidecar.cache.redis_tier import RedisTier
 from sidecar.config import LocalProviderSettings, Settings
 from sidecar.engines.factory import make_engine
 from sidecar.gateway import Gateway, Readiness
@@ -55,14 +56,16 @@ def create_app(settings: Settings, log_writer: LineWriter | None = None) -> web.
     app[LIMITER] = limiter
     app.cleanup_ctx.append(_http_session)
     app.cleanup_ctx.append(_auth_keys)
+    app.cleanup_ctx.append(_cache)
     app.cleanup_ctx.append(_upstreams)
     app.on_startup.append(_mark_started)
     app.on_shutdown.append(_mark_draining)
     app[ROUTE_STATE] = RouteState(settings.routing.state_file)
-    cache = settings.cache
-    app[CACHE] = MemoryCache(cache.memory_items, cache.ttl_s) if cache.enabled else None
-    # Keys are HMACs under a secret of this process: nobody can compute another tenant's key.
-    app[CACHE_SECRET] = os.urandom(32)
+    app[CACHE] = None
+    # Keys are HMACs under a secret nobody else has, so nobody can compute another tenant's
+    # key: one shared by the fleet when Redis is shared, otherwise one of this process.
+    secret = settings.cache_secret
+    app[CACHE_SECRET] = secret.reveal().encode() if secret is not None else os.urandom(32)
     app.add_routes(openai.routes)
     app.add_routes(admin.routes)
     app.add_routes(admin_engines.routes)
@@ -95,6 +98,20 @@ async def _auth_keys(app: web.Application) -> AsyncIterator[None]:
         return
     verifier.use_keys(await asyncio.to_thread(load_static_keys, auth, app[SETTINGS].jwt_secret))
     yield
+
+
+async def _cache(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS].cache
+    if not settings.enabled:
+        yield
+        return
+    shared = None
+    if settings.redis_url:
+        shared = RedisTier(settings.redis_url, settings.timeout_ms / 1000, settings.circuit_s)
+    cache = app[CACHE] = ResponseCache(MemoryCache(settings.memory_items, settings.ttl_s),
+                                       settings.ttl_s, shared)
+    yield
+    await cache.close()
 
 
 async def _upstreams(app: web.Application) -> AsyncIterator[None]:

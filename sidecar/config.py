@@ -187,6 +187,16 @@ class CacheSettings(Struct, kw_only=True, forbid_unknown_fields=True):
     memory_items: Annotated[int, Meta(ge=1)] = 1024  # answers kept in this process
     # "deterministic": temperature 0 or a seed; "always"; "never".
     cache_when: Literal["deterministic", "always", "never"] = "deterministic"
+    # A Redis shared by a fleet of sidecars (redis:// or rediss://); "" keeps answers in this
+    # process only.
+    redis_url: str = ""
+    # A slow or dead Redis costs a request at most this, then it goes on uncached.
+    timeout_ms: Annotated[float, Meta(gt=0, le=10_000)] = 100.0
+    # After a Redis failure, how long to stop asking it.
+    circuit_s: PositiveFloat = 5.0
+    # The environment variable holding the key-hashing secret, the same on every sidecar that
+    # shares the Redis (>= 32 characters); without Redis a random one per process is used.
+    secret_env: str | None = None
 
 
 class LoggingSettings(Struct, kw_only=True, forbid_unknown_fields=True):
@@ -208,6 +218,7 @@ class Settings(Struct, kw_only=True, forbid_unknown_fields=True):
     source: str = "<memory>"
     api_keys: dict[str, Secret] = {}
     jwt_secret: Secret | None = None
+    cache_secret: Secret | None = None
 
 
 class ConfigError(Exception):
@@ -233,7 +244,7 @@ def load(path: str | os.PathLike[str]) -> Settings:
 
 
 def from_mapping(data: dict[str, object], *, source: str = "<memory>") -> Settings:
-    for reserved in ("source", "api_keys", "jwt_secret"):
+    for reserved in ("source", "api_keys", "jwt_secret", "cache_secret"):
         if reserved in data:
             raise ConfigError(f"{source}: unknown key `{reserved}`")
     # Tables keyed by name are converted one entry at a time, so an error can say which entry.
@@ -264,7 +275,27 @@ def from_mapping(data: dict[str, object], *, source: str = "<memory>") -> Settin
                 "must hold a secret of at least 32 characters"
             )
         settings.jwt_secret = Secret(value)
+    _check_cache(settings)
     return settings
+
+
+def _check_cache(settings: Settings) -> None:
+    cache, src = settings.cache, settings.source
+    if cache.redis_url and urlsplit(cache.redis_url).scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(f"{src}: `cache.redis_url`: expected redis://, rediss:// or unix://")
+    if cache.redis_url and not cache.secret_env:
+        raise ConfigError(
+            f"{src}: `cache.secret_env`: required with cache.redis_url, so that every sidecar "
+            "sharing the Redis hashes keys with the same secret"
+        )
+    if cache.secret_env:
+        value = os.environ.get(cache.secret_env, "")
+        if len(value) < 32:
+            raise ConfigError(
+                f"{src}: `cache.secret_env`: the environment variable {cache.secret_env} must "
+                "hold a secret of at least 32 characters"
+            )
+        settings.cache_secret = Secret(value)
 
 
 LOOPBACK_HOSTS = ("localhost", "::1")

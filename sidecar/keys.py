@@ -10,7 +10,7 @@ from aiohttp import web
 if TYPE_CHECKING:
     from sidecar.gateway import Gateway, Readiness
 
-from sidecar.cache.memory import MemoryCache
+from sidecar.cache.memory import ResponseCache
 from sidecar.config import Settings
 from sidecar.observability.timing import RequestContext
 from sidecar.routing.state import RouteState
@@ -22,7 +22,7 @@ HTTP = web.AppKey("http", aiohttp.ClientSession)  # for the sidecar's own calls 
 VERIFIER: web.AppKey[Verifier | None] = web.AppKey("verifier")
 LIMITER = web.AppKey("limiter", Limiter)
 ROUTE_STATE = web.AppKey("route_state", RouteState)
-CACHE: web.AppKey[MemoryCache | None] = web.AppKey("cache")
+CACHE: web.AppKey[ResponseCache | None] = web.AppKey("cache")
 CACHE_SECRET = web.AppKey("cache_secret", bytes)
 GATEWAY: web.AppKey[Gateway] = web.AppKey("gateway")
 READINESS: web.AppKey[Readiness] = web.AppKey("readiness")

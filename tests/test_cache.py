@@ -68,11 +68,57 @@ def test_sampling_requests_bypass_the_cache(cached: Sidecar, upstream: MockUpstr
     assert upstream.count() == 2
 
 
-def test_streams_bypass_the_cache_for_now(cached: Sidecar, upstream: MockUpstream) -> None:
+def stream_text(sidecar: Sidecar, **body: object) -> tuple[list[object], str]:
+    client = openai.OpenAI(base_url=sidecar.base_url, api_key="x", max_retries=0)
+    chunks = list(client.chat.completions.create(model="gpt-test", messages=USER, stream=True,  # type: ignore[call-overload]
+                                                 **body))
+    return chunks, "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+
+def test_a_stream_is_recorded_and_replayed_as_a_stream(cached: Sidecar,
+                                                       upstream: MockUpstream) -> None:
     with httpx.stream("POST", cached.base_url + "/chat/completions", json={
-            "model": "gpt-test", "messages": USER, "temperature": 0, "stream": True}) as stream:
-        assert stream.headers["x-sidecar-cache"] == "bypass"
+            "model": "gpt-test", "messages": USER, "temperature": 0, "stream": True,
+            "max_tokens": 11}) as stream:
+        assert stream.headers["x-sidecar-cache"] == "miss"
         assert b"".join(stream.iter_raw()).endswith(b"data: [DONE]\n\n")
+    first, text = stream_text(cached, temperature=0, max_tokens=11)
+    assert upstream.count() == 1
+    assert text == "Hello from mock: hi"
+    # Asked with usage, which the recording lacks: fetched again, and recorded with it.
+    again, same = stream_text(cached, temperature=0, max_tokens=11,
+                              stream_options={"include_usage": True})
+    assert same == text and upstream.count() == 2
+    replayed, same = stream_text(cached, temperature=0, max_tokens=11,
+                                 stream_options={"include_usage": True})
+    assert same == text and upstream.count() == 2
+    assert len({first[0].id, again[0].id, replayed[0].id}) == 3  # type: ignore[attr-defined]
+    assert replayed[-1].usage == again[-1].usage  # type: ignore[attr-defined]
+    assert replayed[-1].usage is not None and replayed[-1].choices == []  # type: ignore[attr-defined]
+    finishes = [c.choices[0].finish_reason for c in replayed if c.choices]  # type: ignore[attr-defined]
+    assert finishes[-1] == "stop"
+    _, plain = stream_text(cached, temperature=0, max_tokens=11)
+    assert plain == text and upstream.count() == 2
+
+
+def test_a_stream_answers_a_json_request_and_the_other_way_round(
+        cached: Sidecar, upstream: MockUpstream) -> None:
+    _, text = stream_text(cached, temperature=0, max_tokens=12)
+    reply = ask(cached, temperature=0, max_tokens=12)
+    assert reply.headers["x-sidecar-cache"] == "hit" and upstream.count() == 1
+    assert reply.json()["choices"][0]["message"]["content"] == text
+    assert reply.json()["object"] == "chat.completion"
+    whole = ask(cached, temperature=0, max_tokens=13).json()
+    _, streamed = stream_text(cached, temperature=0, max_tokens=13)
+    assert streamed == whole["choices"][0]["message"]["content"] and upstream.count() == 2
+
+
+def test_a_stream_that_broke_is_not_stored(cached: Sidecar, upstream: MockUpstream) -> None:
+    broken = {"chunks": 6, "reset_after": 2, "key": "broken-stream"}
+    with pytest.raises(openai.APIError):
+        stream_text(cached, temperature=0, extra_body={"mock": broken})
+    stream_text(cached, temperature=0, extra_body={"mock": {"chunks": 6}})
+    assert upstream.count() == 2
 
 
 def test_any_field_that_can_change_the_answer_changes_the_key(cached: Sidecar,

@@ -14,7 +14,8 @@ from aiohttp import web
 
 from sidecar.api.http import JSON, json_bytes
 from sidecar.backends.base import Call
-from sidecar.cache.memory import MemoryCache, cache_key, deterministic
+from sidecar.cache.memory import ResponseCache, cache_key, deterministic
+from sidecar.cache.records import Record, as_chunks, as_json
 from sidecar.errors import ModelNotFound, RequestTimeout, SidecarError, Spillable
 from sidecar.gateway import Gateway
 from sidecar.keys import CACHE, CACHE_SECRET, CONTEXT, GATEWAY, LIMITER, SETTINGS
@@ -244,30 +245,34 @@ async def _respond(request: web.Request, reached: Reached, usage: list[int] | No
 
 
 async def _cached(request: web.Request, gateway: Gateway, exchange: Exchange,
-                  usage: list[int] | None, cache: MemoryCache) -> web.StreamResponse:
-    """Answer a deterministic non-streamed request from the cache, or fetch it once however
-    many identical requests are in flight, and keep it."""
+                  usage: list[int] | None, cache: ResponseCache) -> web.StreamResponse:
+    """Answer a deterministic request from the cache (a JSON answer or a recorded stream,
+    either way round), or fetch it (once, however many identical JSON requests are in
+    flight) and keep it."""
     settings = request.app[SETTINGS].cache
     payload, parsed = exchange.payload, exchange.parsed
-    streaming = isinstance(parsed, Sampling) and parsed.stream
-    if streaming or settings.cache_when == "never" or (
+    if settings.cache_when == "never" or (
             settings.cache_when == "deterministic" and not deterministic(payload)):
-        # Streams are not recorded yet (replaying them is the Redis tier's work).
         return await _respond(request, await _reach(request, gateway, exchange), usage, "bypass")
+    streaming = isinstance(parsed, Sampling) and parsed.stream
     context = request[CONTEXT]
     fields = context.fields
     tenant = context.principal.tenant
     control = request.headers.get("Cache-Control", "")
     key = cache_key(request.app[CACHE_SECRET], tenant, exchange.endpoint, payload)
     if "no-cache" not in control:
-        hit = cache.get(key, tenant)
-        if hit is not None:
-            fields["cache"] = "hit"
-            if usage is not None:
-                usage.append(0)  # a hit spends no tokens
-            response = json_bytes(request, hit)
-            response.headers["X-Sidecar-Cache"] = "hit"
-            return response
+        record = await cache.get(key, tenant)
+        if record is not None:
+            replayed = await _replay(request, record, streaming, payload, usage)
+            if replayed is not None:
+                return replayed
+    store = "no-store" not in control
+    if streaming:
+        reached = await _reach(request, gateway, exchange)
+        if store and reached.events is not None:
+            reached.events = _recording(reached.events, reached.first, key, tenant, cache)
+        fields["cache"] = "miss"
+        return await _respond(request, reached, usage, "miss")
     extra: dict[str, str] = {}
 
     async def fetch() -> bytes:
@@ -278,14 +283,62 @@ async def _cached(request: web.Request, gateway: Gateway, exchange: Exchange,
     answer, shared = await cache.single_flight(key, fetch)
     state = "hit" if shared else "miss"
     fields["cache"] = state
-    if not shared and "no-store" not in control:
-        cache.put(key, tenant, answer)
+    if not shared and store:
+        cache.put(key, Record(tenant, "json", answer))
     if usage is not None:
         usage.append(0 if shared else _total_tokens(answer))
     response = json_bytes(request, answer)
     response.headers.extend(extra)
     response.headers["X-Sidecar-Cache"] = state
     return response
+
+
+async def _replay(request: web.Request, record: Record, streaming: bool,
+                  payload: dict[str, Any], usage: list[int] | None
+                  ) -> web.StreamResponse | None:
+    """A hit, as the client asked for it; None when the record cannot take that shape."""
+    context = request[CONTEXT]
+    if streaming:
+        options = payload.get("stream_options")
+        include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
+        chunks = as_chunks(record, include_usage)
+        if chunks is None:
+            return None
+        context.fields["cache"] = "hit"
+        if usage is not None:
+            usage.append(0)  # a hit spends no tokens
+        return await _write_stream(request, _listed(chunks[1:]), chunks[0] if chunks else None,
+                                   context.timing, {"X-Sidecar-Cache": "hit"}, None)
+    body = as_json(record)
+    if body is None:
+        return None
+    context.fields["cache"] = "hit"
+    if usage is not None:
+        usage.append(0)
+    response = json_bytes(request, body)
+    response.headers["X-Sidecar-Cache"] = "hit"
+    return response
+
+
+async def _listed(chunks: list[bytes]) -> AsyncGenerator[bytes, None]:
+    for chunk in chunks:
+        yield chunk
+
+
+async def _recording(events: AsyncGenerator[bytes, None], first: bytes | None, key: str,
+                     tenant: str, cache: ResponseCache) -> AsyncGenerator[bytes, None]:
+    """Pass the stream on and keep it once it ended well: a stream that broke, or whose
+    client left, is never stored."""
+    chunks = [first] if first else []
+    try:
+        async for data in events:
+            if data:  # heartbeats are not part of the answer
+                chunks.append(data)
+            yield data
+    finally:
+        await events.aclose()
+    if chunks:
+        cache.put(key, Record(tenant, "stream", chunks=chunks))
 
 
 async def _read_body(request: web.Request) -> bytes:

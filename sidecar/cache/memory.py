@@ -9,9 +9,14 @@ import hmac
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
+
+from sidecar.cache.records import Record
+
+if TYPE_CHECKING:
+    from sidecar.cache.redis_tier import RedisTier
 
 # Fields that do not change what the model answers, or how: left out of the key.
 _NOT_IN_KEY = frozenset({"stream", "stream_options", "user", "metadata", "store"})
@@ -35,12 +40,12 @@ class MemoryCache:
     def __init__(self, items: int, ttl_s: float) -> None:
         self._items = items
         self._ttl = ttl_s
-        self._entries: OrderedDict[str, tuple[float, str, bytes]] = OrderedDict()
+        self._entries: OrderedDict[str, tuple[float, str, Record]] = OrderedDict()
         # The answer (or the error) of the fetch in flight for a key; None when its caller went
         # away before it finished.
         self._flights: dict[str, asyncio.Future[bytes | BaseException | None]] = {}
 
-    def get(self, key: str, tenant: str) -> bytes | None:
+    def get(self, key: str, tenant: str) -> Record | None:
         entry = self._entries.get(key)
         if entry is None:
             return None
@@ -52,7 +57,7 @@ class MemoryCache:
         self._entries.move_to_end(key)
         return body
 
-    def put(self, key: str, tenant: str, body: bytes) -> None:
+    def put(self, key: str, tenant: str, body: Record) -> None:
         self._entries[key] = (time.monotonic() + self._ttl, tenant, body)
         self._entries.move_to_end(key)
         while len(self._entries) > self._items:
@@ -82,3 +87,43 @@ class MemoryCache:
         finally:
             del self._flights[key]
             flight.set_result(outcome)
+
+
+class ResponseCache:
+    """The in-process tier in front of the shared Redis tier (when one is configured)."""
+
+    def __init__(self, memory: MemoryCache, ttl_s: float, shared: RedisTier | None = None
+                 ) -> None:
+        self.memory = memory
+        self.shared = shared
+        self._ttl = ttl_s
+        self._writes: set[asyncio.Task[None]] = set()
+
+    async def get(self, key: str, tenant: str) -> Record | None:
+        record = self.memory.get(key, tenant)
+        if record is not None or self.shared is None:
+            return record
+        record = Record.decode(await self.shared.get(key))
+        if record is None or record.tenant != tenant:
+            return None  # the key binds the tenant; the stored owner is checked all the same
+        self.memory.put(key, tenant, record)
+        return record
+
+    def put(self, key: str, record: Record) -> None:
+        """Keep an answer; the Redis write goes on after the response, off its path."""
+        self.memory.put(key, record.tenant, record)
+        if self.shared is not None:
+            task = asyncio.get_running_loop().create_task(
+                self.shared.set(key, record.encode(), self._ttl))
+            self._writes.add(task)
+            task.add_done_callback(self._writes.discard)
+
+    async def single_flight(self, key: str, fetch: Callable[[], Awaitable[bytes]]
+                            ) -> tuple[bytes, bool]:
+        return await self.memory.single_flight(key, fetch)
+
+    async def close(self) -> None:
+        if self._writes:
+            await asyncio.wait(list(self._writes), timeout=1.0)
+        if self.shared is not None:
+            await self.shared.close()

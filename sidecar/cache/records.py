@@ -1,0 +1,135 @@
+"""What the cache keeps: a JSON answer or a recorded stream, with the tenant it belongs to, and
+the conversions that let a stream answer a JSON request and the other way round."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+
+@dataclass(slots=True)
+class Record:
+    tenant: str
+    kind: str  # "json" | "stream"
+    body: bytes = b""  # the JSON answer
+    chunks: list[bytes] = field(default_factory=list)  # the stream's chunk payloads
+
+    def encode(self) -> bytes:
+        return orjson.dumps({"t": self.tenant, "k": self.kind, "b": self.body.decode(),
+                             "c": [c.decode() for c in self.chunks]})
+
+    @classmethod
+    def decode(cls, raw: bytes | None) -> Record | None:
+        if not raw:
+            return None
+        try:
+            data = orjson.loads(raw)
+            return cls(str(data["t"]), str(data["k"]), str(data["b"]).encode(),
+                       [str(c).encode() for c in data["c"]])
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            return None  # not ours, or from another version: a miss
+
+
+def as_json(record: Record) -> bytes | None:
+    """The JSON answer, rebuilt from a stream when need be (one text choice only)."""
+    if record.kind == "json":
+        return record.body
+    chunks = [orjson.loads(c) for c in record.chunks]
+    if not chunks:
+        return None
+    first = chunks[0]
+    chat = first.get("object") == "chat.completion.chunk"
+    text: list[str] = []
+    finish, usage = None, None
+    for chunk in chunks:
+        if chunk.get("usage"):
+            usage = chunk["usage"]
+        for choice in chunk.get("choices") or ():
+            if choice.get("index", 0) != 0:
+                return None
+            if chat:
+                delta = choice.get("delta") or {}
+                if delta.get("tool_calls") or delta.get("function_call"):
+                    return None
+                text.append(delta.get("content") or "")
+            else:
+                text.append(choice.get("text") or "")
+            finish = choice.get("finish_reason") or finish
+    if chat:
+        answer: dict[str, Any] = {
+            "index": 0, "message": {"role": "assistant", "content": "".join(text),
+                                    "refusal": None},
+            "logprobs": None, "finish_reason": finish}
+    else:
+        answer = {"index": 0, "text": "".join(text), "logprobs": None, "finish_reason": finish}
+    whole = {"id": first.get("id"), "object": "chat.completion" if chat else "text_completion",
+             "created": first.get("created"), "model": first.get("model"), "choices": [answer]}
+    if first.get("system_fingerprint") is not None:
+        whole["system_fingerprint"] = first["system_fingerprint"]
+    if usage is not None:
+        whole["usage"] = usage
+    return orjson.dumps(whole)
+
+
+def as_chunks(record: Record, include_usage: bool) -> list[bytes] | None:
+    """The stream to replay, with a fresh `id` and `created`; built from a JSON answer when
+    need be (one text choice only)."""
+    chat_id = ("chatcmpl-" if _is_chat(record) else "cmpl-") + uuid.uuid4().hex[:24]
+    created = int(time.time())
+    if record.kind == "stream":
+        if include_usage and not any(b'"usage":{' in c for c in record.chunks):
+            return None  # recorded without usage: a miss, so the client gets its usage
+        out = []
+        for raw in record.chunks:
+            chunk = orjson.loads(raw)
+            if chunk.get("usage") and not chunk.get("choices"):
+                if include_usage:
+                    out.append(orjson.dumps({**chunk, "id": chat_id, "created": created}))
+                continue
+            chunk = {**chunk, "id": chat_id, "created": created}
+            if include_usage:
+                chunk.setdefault("usage", None)
+            else:
+                chunk.pop("usage", None)
+            out.append(orjson.dumps(chunk))
+        return out
+    whole = orjson.loads(record.body)
+    choices = whole.get("choices") or []
+    if len(choices) != 1:
+        return None
+    choice = choices[0]
+    head: dict[str, Any] = {"id": chat_id, "created": created, "model": whole.get("model")}
+    if whole.get("system_fingerprint") is not None:
+        head["system_fingerprint"] = whole["system_fingerprint"]
+    if include_usage:
+        head["usage"] = None
+    finish = choice.get("finish_reason")
+    if "message" in choice:
+        message = choice["message"] or {}
+        if message.get("tool_calls") or message.get("function_call"):
+            return None
+        head["object"] = "chat.completion.chunk"
+        deltas = [({"role": "assistant", "content": ""}, None),
+                  ({"content": message.get("content") or ""}, None), ({}, finish)]
+        out = [orjson.dumps({**head, "choices": [{"index": 0, "delta": d, "logprobs": None,
+                                                  "finish_reason": f}]}) for d, f in deltas]
+    else:
+        head["object"] = "text_completion"
+        parts = [(choice.get("text") or "", None), ("", finish)]
+        out = [orjson.dumps({**head, "choices": [{"index": 0, "text": t, "logprobs": None,
+                                                  "finish_reason": f}]}) for t, f in parts]
+    if include_usage:
+        if not whole.get("usage"):
+            return None
+        out.append(orjson.dumps({**head, "choices": [], "usage": whole["usage"]}))
+    return out
+
+
+def _is_chat(record: Record) -> bool:
+    if record.kind == "json":
+        return b'"chat.completion"' in record.body
+    return bool(record.chunks) and b'"chat.completion.chunk"' in record.chunks[0]

@@ -1,0 +1,67 @@
+"""The shared tier: answers kept in Redis for every sidecar that uses the same Redis and secret.
+
+Redis is an accelerator, never a dependency: every command has a deadline (`timeout_ms`), a
+failure opens a circuit that stops asking for `circuit_s`, and the request goes on uncached.
+A command cut short (deadline or cancellation) must not return its connection to the pool with
+a reply still on the wire, or the next command would read another's answer: redis-py (>= 4.5.4)
+disconnects a connection whose read was interrupted by any exception, cancellation included;
+tests/test_redis.py holds it to that under a cancellation storm.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+log = logging.getLogger("sidecar.cache")
+
+
+class RedisTier:
+    def __init__(self, url: str, timeout_s: float, circuit_s: float, prefix: str = "sc:") -> None:
+        import redis.asyncio as aioredis
+
+        self._client: Any = aioredis.Redis.from_url(
+            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+            retry_on_timeout=False, health_check_interval=0, max_connections=64)
+        self._timeout = timeout_s
+        self._circuit_s = circuit_s
+        self._open_until = 0.0
+        self._prefix = prefix
+        self.failures = 0
+        self.skipped = 0  # commands not sent because the circuit was open
+
+    @property
+    def healthy(self) -> bool:
+        return self._open_until <= time.monotonic()
+
+    async def get(self, key: str) -> bytes | None:
+        value = await self._call("GET", self._prefix + key)
+        return value if isinstance(value, bytes) else None
+
+    async def set(self, key: str, value: bytes, ttl_s: float) -> None:
+        await self._call("SET", self._prefix + key, value, "PX", max(1, int(ttl_s * 1000)))
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    async def _call(self, *args: Any) -> Any:
+        if self._open_until > time.monotonic():
+            self.skipped += 1
+            return None
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await self._client.execute_command(*args)
+        except Exception as exc:  # noqa: BLE001 - any Redis trouble means: go on uncached
+            self._trip(exc)
+            return None
+
+    def _trip(self, exc: BaseException) -> None:
+        self.failures += 1
+        was_open = self._open_until > time.monotonic()
+        self._open_until = time.monotonic() + self._circuit_s
+        if not was_open:
+            reason = "timeout" if isinstance(exc, TimeoutError) else type(exc).__name__
+            log.warning("redis unavailable: serving uncached", extra={"fields": {
+                "reason": reason, "retry_in_s": self._circuit_s, "failures": self.failures}})
