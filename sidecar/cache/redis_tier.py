@@ -21,16 +21,23 @@ log = logging.getLogger("sidecar.cache")
 class RedisTier:
     def __init__(self, url: str, timeout_s: float, circuit_s: float, prefix: str = "sc:") -> None:
         import redis.asyncio as aioredis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
 
-        self._client: Any = aioredis.Redis.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-            retry_on_timeout=False, health_check_interval=0, max_connections=64)
+        # A blocking pool: a burst waits (within the deadline) for a connection instead of
+        # failing with "too many connections" and opening the circuit.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=64, timeout=timeout_s, socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s, health_check_interval=0)
+        # No retries of its own: the deadline is the whole budget, then the request goes on.
+        self._client: Any = aioredis.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 0))
         self._timeout = timeout_s
         self._circuit_s = circuit_s
         self._open_until = 0.0
         self._prefix = prefix
         self.failures = 0
         self.skipped = 0  # commands not sent because the circuit was open
+        self.last_error = ""
 
     @property
     def healthy(self) -> bool:
@@ -45,6 +52,7 @@ class RedisTier:
 
     async def close(self) -> None:
         await self._client.aclose()
+        await self._client.connection_pool.disconnect()
 
     async def _call(self, *args: Any) -> Any:
         if self._open_until > time.monotonic():
@@ -54,6 +62,7 @@ class RedisTier:
             async with asyncio.timeout(self._timeout):
                 return await self._client.execute_command(*args)
         except Exception as exc:  # noqa: BLE001 - any Redis trouble means: go on uncached
+            self.last_error = f"{type(exc).__name__}: {exc}"
             self._trip(exc)
             return None
 

@@ -1,0 +1,211 @@
+"""The shared cache tier on a real redis-server, started here on a free port and owned by
+these tests: sharing between sidecars, tenants, a dead or frozen Redis, cancellation storms."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from sidecar.cache.memory import MemoryCache, ResponseCache
+from sidecar.cache.records import Record
+from sidecar.cache.redis_tier import RedisTier
+from tests.conftest import Sidecar, base_config, closed_port, start_sidecar
+from tests.upstream_mock import MockUpstream
+
+SECRET = "fleet-cache-secret-0123456789abcdef"
+USER = [{"role": "user", "content": "hi"}]
+
+
+class RedisServer:
+    def __init__(self, workdir: Path) -> None:
+        self.port = closed_port()
+        self.workdir = workdir
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.workdir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            probe = subprocess.run(["redis-cli", "-p", str(self.port), "ping"],
+                                   capture_output=True, text=True)
+            if probe.stdout.strip() == "PONG":
+                return
+            time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.send_signal(signal.SIGCONT)
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
+    def pause(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
+
+    def keys(self) -> list[str]:
+        out = subprocess.run(["redis-cli", "-p", str(self.port), "--scan"],
+                             capture_output=True, text=True)
+        return out.stdout.split()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+def redis_config(mock: MockUpstream, redis: RedisServer, circuit_s: float = 1.0) -> str:
+    return base_config(mock, extra=f"""
+[cache]
+enabled = true
+redis_url = "{redis.url}"
+secret_env = "SIDECAR_CACHE_SECRET"
+timeout_ms = 100
+circuit_s = {circuit_s}
+""")
+
+
+def start(mock: MockUpstream, redis: RedisServer, workdir: Path) -> Sidecar:
+    return start_sidecar(redis_config(mock, redis), workdir,
+                         env={"SIDECAR_CACHE_SECRET": SECRET})
+
+
+def ask(sidecar: Sidecar, **body: object) -> httpx.Response:
+    return httpx.post(sidecar.base_url + "/chat/completions", timeout=30,
+                      json={"model": "gpt-test", "messages": USER, "temperature": 0, **body})
+
+
+def test_two_sidecars_share_answers_through_redis(
+        upstream: MockUpstream, redis_server: RedisServer, tmp_path: Path) -> None:
+    one = start(upstream, redis_server, tmp_path / "one")
+    two = start(upstream, redis_server, tmp_path / "two")
+    try:
+        assert ask(one, max_tokens=5).headers["x-sidecar-cache"] == "miss"
+        deadline = time.monotonic() + 2  # the Redis write follows the response
+        while not redis_server.keys() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        shared = ask(two, max_tokens=5)
+        assert shared.headers["x-sidecar-cache"] == "hit"
+        assert shared.json()["choices"][0]["message"]["content"] == "Hello from mock: hi"
+        assert upstream.count() == 1
+        # A recorded stream is shared the same way.
+        with httpx.stream("POST", one.base_url + "/chat/completions", json={
+                "model": "gpt-test", "messages": USER, "temperature": 0, "stream": True,
+                "max_tokens": 6}) as stream:
+            assert stream.headers["x-sidecar-cache"] == "miss"
+            stream.read()
+        time.sleep(0.3)
+        assert ask(two, max_tokens=6).headers["x-sidecar-cache"] == "hit"
+        assert upstream.count() == 2
+    finally:
+        one.stop()
+        two.stop()
+
+
+def test_a_dead_redis_costs_at_most_the_timeout_and_the_cache_comes_back(
+        upstream: MockUpstream, redis_server: RedisServer, tmp_path: Path) -> None:
+    sidecar = start(upstream, redis_server, tmp_path)
+    try:
+        assert ask(sidecar, max_tokens=1).status_code == 200
+        redis_server.stop()
+        for i in range(20):
+            started = time.monotonic()
+            reply = ask(sidecar, max_tokens=100 + i)
+            assert reply.status_code == 200
+            assert time.monotonic() - started < 0.6
+        assert sidecar.wait_for_log('"msg":"redis unavailable: serving uncached"')
+        redis_server.start()
+        time.sleep(1.2)  # the circuit (1 s) closes
+        ask(sidecar, max_tokens=300)
+        deadline = time.monotonic() + 2
+        while not redis_server.keys() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(redis_server.keys()) == 1
+    finally:
+        sidecar.stop()
+
+
+def test_a_frozen_redis_costs_at_most_the_timeout(
+        upstream: MockUpstream, redis_server: RedisServer, tmp_path: Path) -> None:
+    sidecar = start(upstream, redis_server, tmp_path)
+    try:
+        assert ask(sidecar, max_tokens=1).status_code == 200
+        redis_server.pause()
+        try:
+            times = []
+            for i in range(10):
+                started = time.monotonic()
+                assert ask(sidecar, max_tokens=200 + i).status_code == 200
+                times.append(time.monotonic() - started)
+            # The first pays the 100 ms deadline; the open circuit spares the others.
+            assert max(times) < 0.6
+            assert sorted(times)[len(times) // 2] < 0.1
+        finally:
+            redis_server.resume()
+        assert sidecar.wait_for_log('"reason":"timeout"')
+    finally:
+        sidecar.stop()
+
+
+async def test_a_cancellation_storm_never_crosses_replies(redis_server: RedisServer) -> None:
+    tier = RedisTier(redis_server.url, timeout_s=2.0, circuit_s=1.0)
+    try:
+        values = {f"k{i}": os.urandom(64 + i) for i in range(200)}
+        await asyncio.gather(*(tier.set(k, v, 60) for k, v in values.items()))
+        rng = random.Random(7)
+        wrong = 0
+
+        async def read(key: str) -> None:
+            nonlocal wrong
+            got = await tier.get(key)
+            if got is not None and got != values[key]:
+                wrong += 1
+
+        for _ in range(20):
+            tasks = [asyncio.create_task(read(rng.choice(list(values)))) for _ in range(100)]
+            await asyncio.sleep(0)
+            for task in rng.sample(tasks, 40):
+                task.cancel()  # many are mid-read: their connections hold half a reply
+            await asyncio.gather(*tasks, return_exceptions=True)
+        checked = await asyncio.gather(*(tier.get(k) for k in values))
+        assert wrong == 0
+        assert tier.failures == 0, tier.last_error
+        assert checked == list(values.values())
+    finally:
+        await tier.close()
+
+
+async def test_an_entry_of_another_tenant_is_never_served(redis_server: RedisServer) -> None:
+    tier = RedisTier(redis_server.url, timeout_s=1.0, circuit_s=1.0)
+    cache = ResponseCache(MemoryCache(16, 60), 60, tier)
+    try:
+        await tier.set("key", Record("tenant-a", "json", b'{"x":1}').encode(), 60)
+        assert await cache.get("key", "tenant-b") is None
+        found = await cache.get("key", "tenant-a")
+        assert found is not None and found.body == b'{"x":1}'
+    finally:
+        await cache.close()
