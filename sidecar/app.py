@@ -30,11 +30,13 @@ from sidecar.keys import (
     LIMITER,
     READINESS,
     ROUTE_STATE,
+    ROUTE_SYNC,
     SETTINGS,
     VERIFIER,
 )
 from sidecar.observability.logging import AccessLog, LineWriter
 from sidecar.routing.router import Router
+from sidecar.routing.shared import RouteSync
 from sidecar.routing.state import RouteState
 from sidecar.routing.table import RouteTable
 from sidecar.security.jwt import JwksFetcher, Verifier, load_static_keys
@@ -154,6 +156,11 @@ async def _upstreams(app: web.Application) -> AsyncIterator[None]:
         gateway = app[GATEWAY] = Gateway(table, backends, Router(settings.routing))
         interval = settings.routing.probe_interval_s
         tasks = [asyncio.create_task(_probe(gateway, interval), name="probe")] if interval else []
+        sync = app[ROUTE_SYNC] = None
+        if settings.cache.redis_url:  # a fleet on one Redis is steered as one
+            sync = app[ROUTE_SYNC] = RouteSync(settings.cache.redis_url, table, state,
+                                               settings.cache.timeout_ms / 1000)
+            tasks.append(asyncio.create_task(sync.run(), name="route-sync"))
         # Models load in the background: /healthz answers at once, /readyz once they are in.
         tasks += [asyncio.create_task(_load(b), name=f"load-{b.name}")
                   for b in backends.values() if isinstance(b, LocalBackend)]
@@ -162,6 +169,8 @@ async def _upstreams(app: web.Application) -> AsyncIterator[None]:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if sync is not None:
+            await sync.close()
     finally:
         for backend in backends.values():
             await backend.close()

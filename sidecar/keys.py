@@ -9,6 +9,7 @@ from aiohttp import web
 
 if TYPE_CHECKING:
     from sidecar.gateway import Gateway, Readiness
+    from sidecar.routing.shared import RouteSync
 
 from sidecar.cache.memory import ResponseCache
 from sidecar.config import Settings
@@ -26,6 +27,7 @@ CACHE: web.AppKey[ResponseCache | None] = web.AppKey("cache")
 CACHE_SECRET = web.AppKey("cache_secret", bytes)
 GATEWAY: web.AppKey[Gateway] = web.AppKey("gateway")
 READINESS: web.AppKey[Readiness] = web.AppKey("readiness")
+ROUTE_SYNC: web.AppKey[RouteSync | None] = web.AppKey("route_sync")
 
 # Per-request state set by the edge middleware.
 CONTEXT = web.RequestKey("context", RequestContext)

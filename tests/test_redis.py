@@ -209,3 +209,31 @@ async def test_an_entry_of_another_tenant_is_never_served(redis_server: RedisSer
         assert found is not None and found.body == b'{"x":1}'
     finally:
         await cache.close()
+
+
+def test_a_weight_changed_on_one_sidecar_reaches_the_other_within_a_second(
+        upstream: MockUpstream, redis_server: RedisServer, tmp_path: Path) -> None:
+    one = start(upstream, redis_server, tmp_path / "one")
+    two = start(upstream, redis_server, tmp_path / "two")
+    try:
+        assert two.wait_for_log('"logger":"sidecar"', 5)
+        time.sleep(0.3)  # both subscribed
+        change = {"model": "gpt-test", "targets": [{"provider": "mock", "weight": 7}]}
+        assert httpx.put(one.url + "/admin/api/routes", json=change).status_code == 200
+        deadline = time.monotonic() + 1.0
+        seen = None
+        while time.monotonic() < deadline:
+            seen = httpx.get(two.url + "/admin/api/routes").json()["models"]["gpt-test"]
+            if seen[0]["weight"] == 7:
+                break
+            time.sleep(0.02)
+        assert seen is not None and seen[0]["weight"] == 7
+        assert two.wait_for_log('"via":"redis"')
+        # Applied there as a change of its own: kept in its state file too.
+        assert '"weight": 7.0' in (tmp_path / "two" / "routes.json").read_text()
+        # An invalid change is refused where it is made and never published.
+        bad = {"model": "gpt-test", "targets": [{"provider": "mock", "weight": -1}]}
+        assert httpx.put(one.url + "/admin/api/routes", json=bad).status_code == 400
+    finally:
+        one.stop()
+        two.stop()

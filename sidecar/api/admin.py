@@ -10,7 +10,7 @@ from aiohttp import web
 
 from sidecar.api.http import JSON
 from sidecar.errors import InvalidRequest
-from sidecar.keys import CONTEXT, GATEWAY, ROUTE_STATE
+from sidecar.keys import CONTEXT, GATEWAY, ROUTE_STATE, ROUTE_SYNC
 
 routes = web.RouteTableDef()
 audit = logging.getLogger("sidecar.audit")
@@ -46,5 +46,8 @@ async def change_routes(request: web.Request) -> web.Response:
     audit.info("routes changed", extra={"fields": {
         "who": context.principal.tenant, "remote": request.remote, "model": model,
         "before": before, "after": after, "request_id": context.request_id}})
+    sync = request.app[ROUTE_SYNC]
+    if sync is not None:  # every sidecar on the same Redis applies it too
+        await sync.publish(model, after)
     return web.Response(body=orjson.dumps({"model": model, "targets": after}),
                         content_type=JSON)

@@ -1,0 +1,82 @@
+"""Weight changes shared by a fleet: published on Redis by the sidecar that made one, applied
+by every other sidecar on the same Redis within a second. Redis being away costs nothing but
+the sharing: each sidecar keeps serving with the weights it has, and resubscribes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import Any
+
+import orjson
+
+from sidecar.errors import InvalidRequest
+from sidecar.routing.state import RouteState
+from sidecar.routing.table import RouteTable
+
+log = logging.getLogger("sidecar.routing")
+CHANNEL = "sc:routes"
+
+
+class RouteSync:
+    def __init__(self, url: str, table: RouteTable, state: RouteState, timeout_s: float) -> None:
+        import redis.asyncio as aioredis
+
+        self._redis: Any = aioredis.Redis.from_url(url, socket_connect_timeout=timeout_s)
+        self._table = table
+        self._state = state
+        self._timeout = max(timeout_s, 0.5)
+        self.origin = os.urandom(8).hex()  # this process: its own messages are not applied
+
+    async def publish(self, model: str, targets: list[dict[str, Any]]) -> bool:
+        message = orjson.dumps({"origin": self.origin, "model": model, "targets": targets})
+        try:
+            async with asyncio.timeout(self._timeout):
+                await self._redis.publish(CHANNEL, message)
+        except Exception as exc:  # noqa: BLE001 - the change holds here; sharing it failed
+            log.warning("route change not shared: redis unavailable",
+                        extra={"fields": {"model": model, "error": type(exc).__name__}})
+            return False
+        return True
+
+    async def run(self) -> None:
+        """Apply changes published by other sidecars, for as long as the app runs."""
+        while True:
+            try:
+                async with self._redis.pubsub() as pubsub:
+                    await pubsub.subscribe(CHANNEL)
+                    async for message in pubsub.listen():
+                        if message.get("type") == "message":
+                            await self._apply(message.get("data"))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - Redis away: try again shortly
+                log.warning("route sharing paused: redis unavailable",
+                            extra={"fields": {"error": type(exc).__name__}})
+                await asyncio.sleep(1.0)
+
+    async def _apply(self, data: Any) -> None:
+        try:
+            change = orjson.loads(data)
+            origin, model, targets = change["origin"], change["model"], change["targets"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            return
+        if origin == self.origin:
+            return
+        state = self._state
+        async with state.lock:
+            try:
+                before, after = self._table.update(model, targets)
+            except InvalidRequest as exc:
+                log.warning("shared route change does not fit this config; ignored",
+                            extra={"fields": {"model": model, "reason": exc.message}})
+                return
+            state.changed[model] = after
+            await asyncio.to_thread(state.write)
+        logging.getLogger("sidecar.audit").info("routes changed", extra={"fields": {
+            "who": f"sidecar {origin}", "model": model, "before": before, "after": after,
+            "via": "redis"}})
+
+    async def close(self) -> None:
+        await self._redis.aclose()
