@@ -145,7 +145,8 @@ class TransformersEngine(ThreadedEngine):
         loaded = self._require()
         params = job.params
         generator = torch.Generator()
-        generator.manual_seed(params.seed if params.seed is not None
+        # Any integer a client sends is a seed; torch takes 64 bits.
+        generator.manual_seed(params.seed % 2**63 if params.seed is not None
                               else secrets.randbits(63))
         counts = None
         if params.presence_penalty or params.frequency_penalty:
