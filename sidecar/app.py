@@ -29,6 +29,7 @@ from sidecar.keys import (
     HTTP,
     LIMITER,
     READINESS,
+    REDIS,
     ROUTE_STATE,
     ROUTE_SYNC,
     SETTINGS,
@@ -58,6 +59,7 @@ def create_app(settings: Settings, log_writer: LineWriter | None = None) -> web.
     app[LIMITER] = limiter
     app.cleanup_ctx.append(_http_session)
     app.cleanup_ctx.append(_auth_keys)
+    app.cleanup_ctx.append(_redis)
     app.cleanup_ctx.append(_cache)
     app.cleanup_ctx.append(_upstreams)
     app.on_startup.append(_mark_started)
@@ -102,18 +104,26 @@ async def _auth_keys(app: web.Application) -> AsyncIterator[None]:
     yield
 
 
-async def _cache(app: web.Application) -> AsyncIterator[None]:
+async def _redis(app: web.Application) -> AsyncIterator[None]:
+    """The Redis a fleet shares, when one is configured: answers, rate limits and weights."""
     settings = app[SETTINGS].cache
-    if not settings.enabled:
+    if not settings.redis_url:
+        app[REDIS] = None
         yield
         return
-    shared = None
-    if settings.redis_url:
-        shared = RedisTier(settings.redis_url, settings.timeout_ms / 1000, settings.circuit_s)
-    cache = app[CACHE] = ResponseCache(MemoryCache(settings.memory_items, settings.ttl_s),
-                                       settings.ttl_s, shared)
+    tier = app[REDIS] = RedisTier(settings.redis_url, settings.timeout_ms / 1000,
+                                  settings.circuit_s)
+    app[LIMITER].share(tier)
     yield
-    await cache.close()
+    await tier.close()
+
+
+async def _cache(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS].cache
+    if settings.enabled:
+        app[CACHE] = ResponseCache(MemoryCache(settings.memory_items, settings.ttl_s),
+                                   settings.ttl_s, app[REDIS])
+    yield
 
 
 async def _upstreams(app: web.Application) -> AsyncIterator[None]:

@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from sidecar.routing.shared import RouteSync
 
 from sidecar.cache.memory import ResponseCache
+from sidecar.cache.redis_tier import RedisTier
 from sidecar.config import Settings
 from sidecar.observability.timing import RequestContext
 from sidecar.routing.state import RouteState
@@ -25,6 +26,7 @@ LIMITER = web.AppKey("limiter", Limiter)
 ROUTE_STATE = web.AppKey("route_state", RouteState)
 CACHE: web.AppKey[ResponseCache | None] = web.AppKey("cache")
 CACHE_SECRET = web.AppKey("cache_secret", bytes)
+REDIS: web.AppKey[RedisTier | None] = web.AppKey("redis")
 GATEWAY: web.AppKey[Gateway] = web.AppKey("gateway")
 READINESS: web.AppKey[Readiness] = web.AppKey("readiness")
 ROUTE_SYNC: web.AppKey[RouteSync | None] = web.AppKey("route_sync")

@@ -64,7 +64,7 @@ class RedisServer:
         assert self.process is not None
         self.process.send_signal(signal.SIGCONT)
 
-    def keys(self) -> list[str]:
+    def stored(self) -> list[str]:
         out = subprocess.run(["redis-cli", "-p", str(self.port), "--scan"],
                              capture_output=True, text=True)
         return out.stdout.split()
@@ -106,7 +106,7 @@ def test_two_sidecars_share_answers_through_redis(
     try:
         assert ask(one, max_tokens=5).headers["x-sidecar-cache"] == "miss"
         deadline = time.monotonic() + 2  # the Redis write follows the response
-        while not redis_server.keys() and time.monotonic() < deadline:
+        while not redis_server.stored() and time.monotonic() < deadline:
             time.sleep(0.02)
         shared = ask(two, max_tokens=5)
         assert shared.headers["x-sidecar-cache"] == "hit"
@@ -142,9 +142,9 @@ def test_a_dead_redis_costs_at_most_the_timeout_and_the_cache_comes_back(
         time.sleep(1.2)  # the circuit (1 s) closes
         ask(sidecar, max_tokens=300)
         deadline = time.monotonic() + 2
-        while not redis_server.keys() and time.monotonic() < deadline:
+        while not redis_server.stored() and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert len(redis_server.keys()) == 1
+        assert len(redis_server.stored()) == 1
     finally:
         sidecar.stop()
 
@@ -208,7 +208,7 @@ async def test_an_entry_of_another_tenant_is_never_served(redis_server: RedisSer
         found = await cache.get("key", "tenant-a")
         assert found is not None and found.body == b'{"x":1}'
     finally:
-        await cache.close()
+        await tier.close()
 
 
 def test_a_weight_changed_on_one_sidecar_reaches_the_other_within_a_second(
@@ -234,6 +234,59 @@ def test_a_weight_changed_on_one_sidecar_reaches_the_other_within_a_second(
         # An invalid change is refused where it is made and never published.
         bad = {"model": "gpt-test", "targets": [{"provider": "mock", "weight": -1}]}
         assert httpx.put(one.url + "/admin/api/routes", json=bad).status_code == 400
+    finally:
+        one.stop()
+        two.stop()
+
+
+def test_rate_limits_hold_across_sidecars_and_fall_back_to_each_one(
+        upstream: MockUpstream, redis_server: RedisServer, tmp_path: Path) -> None:
+    config = redis_config(upstream, redis_server) + "\n[limits]\nrequests_per_minute = 4\n"
+    env = {"SIDECAR_CACHE_SECRET": SECRET}
+    one = start_sidecar(config, tmp_path / "one", env=env)
+    two = start_sidecar(config, tmp_path / "two", env=env)
+    try:
+        statuses = [ask(sidecar, temperature=0.5).status_code
+                    for sidecar in (one, two, one, two, one, two)]
+        assert statuses == [200, 200, 200, 200, 429, 429]
+        refused = ask(one, temperature=0.5)
+        assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+        assert int(refused.headers["Retry-After"]) >= 1
+        assert any(key.startswith("sc:rl:requests:") for key in redis_server.stored())
+        # Without Redis, each sidecar counts on its own again: limited, never an error.
+        redis_server.stop()
+        alone = [ask(one, temperature=0.5).status_code for _ in range(6)]
+        assert alone.count(200) == 4 and set(alone) == {200, 429}
+    finally:
+        one.stop()
+        two.stop()
+
+
+def test_token_budgets_are_reserved_and_settled_in_redis(
+        upstream: MockUpstream, redis_server: RedisServer, tmp_path: Path) -> None:
+    import hashlib
+
+    config = redis_config(upstream, redis_server) + "\n[limits]\ntokens_per_minute = 300\n"
+    env = {"SIDECAR_CACHE_SECRET": SECRET}
+    one = start_sidecar(config, tmp_path / "one", env=env)
+    two = start_sidecar(config, tmp_path / "two", env=env)
+    key = "sc:rl:tokens:" + hashlib.sha256(b"anonymous").hexdigest()[:32]
+
+    def level() -> float:
+        out = subprocess.run(["redis-cli", "-p", str(redis_server.port), "HGET", key, "l"],
+                             capture_output=True, text=True)
+        return float(out.stdout.strip())
+
+    try:
+        # Each answer reports about a dozen tokens used; ~125 are reserved first (prompt
+        # estimate + max_tokens), the rest given back once the usage is known.
+        for sidecar in (one, two):
+            assert ask(sidecar, temperature=0.5, max_tokens=100).status_code == 200
+        time.sleep(0.2)  # the settlement is written after the response
+        # Unsettled, two reservations would leave ~50; untouched, 300.
+        assert 250 <= level() < 290
+        too_big = ask(one, temperature=0.5, max_tokens=400)
+        assert too_big.status_code == 429
     finally:
         one.stop()
         two.stop()

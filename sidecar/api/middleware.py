@@ -16,7 +16,6 @@ from sidecar.config import AuthSettings
 from sidecar.errors import (
     MethodNotAllowed,
     PayloadTooLarge,
-    RateLimited,
     RouteNotFound,
     SidecarError,
 )
@@ -107,12 +106,17 @@ class Guard:
                 raise Forbidden(f"The token lacks the `{needed}` scope this request needs.")
             context.principal = principal
             context.fields["tenant"] = principal.tenant
-        self._limiter.enter()
+        limiter = self._limiter
+        limiter.enter()
         if self._requests is not None:
             try:
-                self._requests.take(context.principal.tenant, 1)
-            except RateLimited:
-                self._limiter.leave()
+                shared = limiter.shared_requests
+                if shared is None:
+                    self._requests.take(context.principal.tenant, 1)
+                else:
+                    await shared.take(context.principal.tenant, 1)
+            except BaseException:
+                limiter.leave()
                 raise
 
     def release(self) -> None:

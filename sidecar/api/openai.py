@@ -91,7 +91,8 @@ async def proxy(endpoint: str, schema: Schema, request: web.Request) -> web.Stre
     context.fields["model"] = parsed.model
     exchange = Exchange(endpoint, body, payload, parsed, route)
     cache = request.app[CACHE] if endpoint != "embeddings" else None
-    tokens = request.app[LIMITER].tokens
+    limiter = request.app[LIMITER]
+    tokens = limiter.tokens
     if tokens is None:
         if cache is None:  # the common case, one coroutine deep: reach a target, answer
             return await _respond(request, await _reach(request, gateway, exchange), None)
@@ -99,8 +100,12 @@ async def proxy(endpoint: str, schema: Schema, request: web.Request) -> web.Stre
     # The tenant's token budget: the prompt estimate and max_tokens are reserved first and
     # the reservation settled on the usage the answer reports.
     tenant = context.principal.tenant
-    reserved = _estimate_tokens(body, parsed, request.app[LIMITER].settings.default_max_tokens)
-    tokens.take(tenant, reserved)
+    reserved = _estimate_tokens(body, parsed, limiter.settings.default_max_tokens)
+    budget = limiter.shared_tokens or tokens
+    if limiter.shared_tokens is not None:
+        await limiter.shared_tokens.take(tenant, reserved)
+    else:
+        tokens.take(tenant, reserved)
     # What the answer reported, last value wins: -1 once served with usage unknown (then the
     # reservation stands); nothing at all if no target served it (then it all comes back).
     usage: list[int] = []
@@ -110,7 +115,7 @@ async def proxy(endpoint: str, schema: Schema, request: web.Request) -> web.Stre
         return await _cached(request, gateway, exchange, usage, cache)
     finally:
         used = usage[-1] if usage else 0
-        tokens.give_back(tenant, reserved - (reserved if used < 0 else used))
+        budget.give_back(tenant, reserved - (reserved if used < 0 else used))
 
 
 class Exchange:

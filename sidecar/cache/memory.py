@@ -97,7 +97,6 @@ class ResponseCache:
         self.memory = memory
         self.shared = shared
         self._ttl = ttl_s
-        self._writes: set[asyncio.Task[None]] = set()
 
     async def get(self, key: str, tenant: str) -> Record | None:
         record = self.memory.get(key, tenant)
@@ -113,17 +112,8 @@ class ResponseCache:
         """Keep an answer; the Redis write goes on after the response, off its path."""
         self.memory.put(key, record.tenant, record)
         if self.shared is not None:
-            task = asyncio.get_running_loop().create_task(
-                self.shared.set(key, record.encode(), self._ttl))
-            self._writes.add(task)
-            task.add_done_callback(self._writes.discard)
+            self.shared.spawn(self.shared.set(key, record.encode(), self._ttl))
 
     async def single_flight(self, key: str, fetch: Callable[[], Awaitable[bytes]]
                             ) -> tuple[bytes, bool]:
         return await self.memory.single_flight(key, fetch)
-
-    async def close(self) -> None:
-        if self._writes:
-            await asyncio.wait(list(self._writes), timeout=1.0)
-        if self.shared is not None:
-            await self.shared.close()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 log = logging.getLogger("sidecar.cache")
@@ -38,10 +39,27 @@ class RedisTier:
         self.failures = 0
         self.skipped = 0  # commands not sent because the circuit was open
         self.last_error = ""
+        self._background: set[asyncio.Task[Any]] = set()
 
     @property
     def healthy(self) -> bool:
         return self._open_until <= time.monotonic()
+
+    def script(self, source: str) -> Any:
+        """A Lua script, run with EVALSHA (and loaded on first use)."""
+        return self._client.register_script(source)
+
+    async def run_script(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        """The script's reply, or None when Redis did not answer in time (or the circuit is
+        open): the caller falls back to what it can do alone."""
+        return await self._guarded(lambda: script(keys=[self._prefix + k for k in keys],
+                                                  args=args))
+
+    def spawn(self, work: Coroutine[Any, Any, Any]) -> None:
+        """Run `work` after the response, keeping a reference until it is done."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def get(self, key: str) -> bytes | None:
         value = await self._call("GET", self._prefix + key)
@@ -51,16 +69,21 @@ class RedisTier:
         await self._call("SET", self._prefix + key, value, "PX", max(1, int(ttl_s * 1000)))
 
     async def close(self) -> None:
+        if self._background:
+            await asyncio.wait(list(self._background), timeout=1.0)
         await self._client.aclose()
         await self._client.connection_pool.disconnect()
 
     async def _call(self, *args: Any) -> Any:
+        return await self._guarded(lambda: self._client.execute_command(*args))
+
+    async def _guarded(self, command: Callable[[], Awaitable[Any]]) -> Any:
         if self._open_until > time.monotonic():
             self.skipped += 1
             return None
         try:
             async with asyncio.timeout(self._timeout):
-                return await self._client.execute_command(*args)
+                return await command()
         except Exception as exc:  # noqa: BLE001 - any Redis trouble means: go on uncached
             self.last_error = f"{type(exc).__name__}: {exc}"
             self._trip(exc)
