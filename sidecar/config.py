@@ -194,6 +194,9 @@ class CacheSettings(Struct, kw_only=True, forbid_unknown_fields=True):
     timeout_ms: Annotated[float, Meta(gt=0, le=10_000)] = 100.0
     # After a Redis failure, how long to stop asking it.
     circuit_s: PositiveFloat = 5.0
+    # Identical misses on several sidecars: one fetches under a Redis lock held at most this
+    # long, the others wait for its answer.
+    lock_s: PositiveFloat = 10.0
     # The environment variable holding the key-hashing secret, the same on every sidecar that
     # shares the Redis (>= 32 characters); without Redis a random one per process is used.
     secret_env: str | None = None

@@ -290,3 +290,29 @@ def test_token_budgets_are_reserved_and_settled_in_redis(
     finally:
         one.stop()
         two.stop()
+
+
+def test_identical_misses_on_two_sidecars_make_one_upstream_call(
+        upstream: MockUpstream, redis_server: RedisServer, tmp_path: Path) -> None:
+    one = start(upstream, redis_server, tmp_path / "one")
+    two = start(upstream, redis_server, tmp_path / "two")
+
+    async def storm() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=200)
+                                     ) as client:
+            return await asyncio.gather(*(client.post(
+                sidecar.base_url + "/chat/completions",
+                json={"model": "gpt-test", "messages": USER, "temperature": 0,
+                      "mock": {"delay_s": 0.5, "key": "fleet-storm"}})
+                for sidecar in (one, two) * 50))
+
+    try:
+        answers = asyncio.run(storm())
+        assert {a.status_code for a in answers} == {200}
+        assert len({a.json()["choices"][0]["message"]["content"] for a in answers}) == 1
+        assert upstream.count() == 1
+        states = [a.headers["x-sidecar-cache"] for a in answers]
+        assert states.count("miss") == 1 and states.count("hit") == 99
+    finally:
+        one.stop()
+        two.stop()

@@ -285,7 +285,7 @@ async def _cached(request: web.Request, gateway: Gateway, exchange: Exchange,
         extra.update(reached.headers(fields))
         return reached.answer
 
-    answer, shared = await cache.single_flight(key, fetch)
+    answer, shared = await cache.single_flight(key, tenant, fetch, fleet=store)
     state = "hit" if shared else "miss"
     fields["cache"] = state
     if not shared and store:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from sidecar.cache.records import Record
+from sidecar.cache.records import Record, as_json
 
 if TYPE_CHECKING:
     from sidecar.cache.redis_tier import RedisTier
@@ -92,11 +93,13 @@ class MemoryCache:
 class ResponseCache:
     """The in-process tier in front of the shared Redis tier (when one is configured)."""
 
-    def __init__(self, memory: MemoryCache, ttl_s: float, shared: RedisTier | None = None
-                 ) -> None:
+    def __init__(self, memory: MemoryCache, ttl_s: float, shared: RedisTier | None = None,
+                 lock_s: float = 10.0) -> None:
         self.memory = memory
         self.shared = shared
         self._ttl = ttl_s
+        # How long one sidecar may hold the fleet's lock on a key while it fetches.
+        self.lock_s = lock_s
 
     async def get(self, key: str, tenant: str) -> Record | None:
         record = self.memory.get(key, tenant)
@@ -114,6 +117,53 @@ class ResponseCache:
         if self.shared is not None:
             self.shared.spawn(self.shared.set(key, record.encode(), self._ttl))
 
-    async def single_flight(self, key: str, fetch: Callable[[], Awaitable[bytes]]
+    async def single_flight(self, key: str, tenant: str,
+                            fetch: Callable[[], Awaitable[bytes]], *, fleet: bool = True
                             ) -> tuple[bytes, bool]:
-        return await self.memory.single_flight(key, fetch)
+        """One upstream call for identical misses in flight: in this process, and (`fleet`)
+        across the fleet through a short Redis lock whose holder stores the answer before
+        letting go."""
+        shared = self.shared
+        if shared is None or not fleet:
+            return await self.memory.single_flight(key, fetch)
+        fleet_shared = False
+
+        async def fleet_fetch() -> bytes:
+            nonlocal fleet_shared
+            token = os.urandom(8).hex()
+            held = await shared.lock(key, token, self.lock_s)
+            if held is False:  # another sidecar is fetching: wait for what it stores
+                answer = await self._wait_for_fleet(key, tenant)
+                if answer is not None:
+                    fleet_shared = True
+                    return answer
+            try:
+                answer = await fetch()
+                if held:
+                    record = Record(tenant, "json", answer)
+                    self.memory.put(key, tenant, record)
+                    await shared.set(key, record.encode(), self._ttl)
+                return answer
+            finally:
+                if held:
+                    await shared.unlock(key, token)
+
+        answer, waited = await self.memory.single_flight(key, fleet_fetch)
+        return answer, waited or fleet_shared
+
+    async def _wait_for_fleet(self, key: str, tenant: str) -> bytes | None:
+        """The answer another sidecar is fetching, once it is stored; None if it gave up (or
+        took longer than the lock lasts)."""
+        assert self.shared is not None
+        deadline = time.monotonic() + self.lock_s
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+            record = Record.decode(await self.shared.get(key))
+            if record is not None and record.tenant == tenant:
+                return as_json(record)
+            if not await self.shared.locked(key):
+                record = Record.decode(await self.shared.get(key))
+                if record is not None and record.tenant == tenant:
+                    return as_json(record)
+                return None
+        return None

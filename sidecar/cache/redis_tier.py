@@ -40,6 +40,9 @@ class RedisTier:
         self.skipped = 0  # commands not sent because the circuit was open
         self.last_error = ""
         self._background: set[asyncio.Task[Any]] = set()
+        self._unlock = self.script(
+            "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) "
+            "end return 0")
 
     @property
     def healthy(self) -> bool:
@@ -67,6 +70,22 @@ class RedisTier:
 
     async def set(self, key: str, value: bytes, ttl_s: float) -> None:
         await self._call("SET", self._prefix + key, value, "PX", max(1, int(ttl_s * 1000)))
+
+    async def lock(self, key: str, token: str, ttl_s: float) -> bool | None:
+        """Take the lock on `key` for `ttl_s`: True when taken, False when another holds it,
+        None when Redis did not answer (then everyone goes on alone)."""
+        reply = await self._call("SET", f"{self._prefix}lock:{key}", token, "NX", "PX",
+                                 max(1, int(ttl_s * 1000)))
+        if reply is None:
+            return None if not self.healthy else False
+        return True
+
+    async def locked(self, key: str) -> bool:
+        return bool(await self._call("EXISTS", f"{self._prefix}lock:{key}"))
+
+    async def unlock(self, key: str, token: str) -> None:
+        """Let go of the lock, if it is still ours (it may have expired and been taken)."""
+        await self.run_script(self._unlock, [f"lock:{key}"], [token])
 
     async def close(self) -> None:
         if self._background:
