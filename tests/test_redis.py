@@ -138,6 +138,10 @@ def test_a_dead_redis_costs_at_most_the_timeout_and_the_cache_comes_back(
             assert reply.status_code == 200
             assert time.monotonic() - started < 0.6
         assert sidecar.wait_for_log('"msg":"redis unavailable: serving uncached"')
+        stats = httpx.get(sidecar.url + "/admin/api/cache").json()
+        assert stats["redis"]["failures"] >= 1 and stats["redis"]["skipped_while_open"] > 0
+        assert stats["redis"]["last_error"] == "ConnectionError"
+        assert stats["miss"] == 21 and stats["hit"] == 0
         redis_server.start()
         time.sleep(1.2)  # the circuit (1 s) closes
         ask(sidecar, max_tokens=300)
@@ -145,6 +149,7 @@ def test_a_dead_redis_costs_at_most_the_timeout_and_the_cache_comes_back(
         while not redis_server.stored() and time.monotonic() < deadline:
             time.sleep(0.02)
         assert len(redis_server.stored()) == 1
+        assert httpx.get(sidecar.url + "/admin/api/cache").json()["redis"]["healthy"] is True
     finally:
         sidecar.stop()
 

@@ -10,7 +10,7 @@ from aiohttp import web
 
 from sidecar.api.http import JSON
 from sidecar.errors import InvalidRequest
-from sidecar.keys import CONTEXT, GATEWAY, ROUTE_STATE, ROUTE_SYNC
+from sidecar.keys import CACHE, CONTEXT, GATEWAY, ROUTE_STATE, ROUTE_SYNC
 
 routes = web.RouteTableDef()
 audit = logging.getLogger("sidecar.audit")
@@ -51,3 +51,12 @@ async def change_routes(request: web.Request) -> web.Response:
         await sync.publish(model, after)
     return web.Response(body=orjson.dumps({"model": model, "targets": after}),
                         content_type=JSON)
+
+
+@routes.get("/admin/api/cache")
+async def show_cache(request: web.Request) -> web.Response:
+    """Hits, misses and bypasses since start, entries in this process, and Redis's health
+    (failures, commands skipped while its circuit was open)."""
+    cache = request.app[CACHE]
+    body = {"enabled": cache is not None, **(cache.describe() if cache is not None else {})}
+    return web.Response(body=orjson.dumps(body), content_type=JSON)

@@ -258,6 +258,7 @@ async def _cached(request: web.Request, gateway: Gateway, exchange: Exchange,
     payload, parsed = exchange.payload, exchange.parsed
     if settings.cache_when == "never" or (
             settings.cache_when == "deterministic" and not deterministic(payload)):
+        cache.counts["bypass"] += 1
         return await _respond(request, await _reach(request, gateway, exchange), usage, "bypass")
     streaming = isinstance(parsed, Sampling) and parsed.stream
     context = request[CONTEXT]
@@ -268,7 +269,7 @@ async def _cached(request: web.Request, gateway: Gateway, exchange: Exchange,
     if "no-cache" not in control:
         record = await cache.get(key, tenant)
         if record is not None:
-            replayed = await _replay(request, record, streaming, payload, usage)
+            replayed = await _replay(request, cache, record, streaming, payload, usage)
             if replayed is not None:
                 return replayed
     store = "no-store" not in control
@@ -277,6 +278,7 @@ async def _cached(request: web.Request, gateway: Gateway, exchange: Exchange,
         if store and reached.events is not None:
             reached.events = _recording(reached.events, reached.first, key, tenant, cache)
         fields["cache"] = "miss"
+        cache.counts["miss"] += 1
         return await _respond(request, reached, usage, "miss")
     extra: dict[str, str] = {}
 
@@ -288,6 +290,7 @@ async def _cached(request: web.Request, gateway: Gateway, exchange: Exchange,
     answer, shared = await cache.single_flight(key, tenant, fetch, fleet=store)
     state = "hit" if shared else "miss"
     fields["cache"] = state
+    cache.counts[state] += 1
     if not shared and store:
         cache.put(key, Record(tenant, "json", answer))
     if usage is not None:
@@ -298,8 +301,8 @@ async def _cached(request: web.Request, gateway: Gateway, exchange: Exchange,
     return response
 
 
-async def _replay(request: web.Request, record: Record, streaming: bool,
-                  payload: dict[str, Any], usage: list[int] | None
+async def _replay(request: web.Request, cache: ResponseCache, record: Record,
+                  streaming: bool, payload: dict[str, Any], usage: list[int] | None
                   ) -> web.StreamResponse | None:
     """A hit, as the client asked for it; None when the record cannot take that shape."""
     context = request[CONTEXT]
@@ -310,6 +313,7 @@ async def _replay(request: web.Request, record: Record, streaming: bool,
         if chunks is None:
             return None
         context.fields["cache"] = "hit"
+        cache.counts["hit"] += 1
         if usage is not None:
             usage.append(0)  # a hit spends no tokens
         return await _write_stream(request, _listed(chunks[1:]), chunks[0] if chunks else None,
@@ -318,6 +322,7 @@ async def _replay(request: web.Request, record: Record, streaming: bool,
     if body is None:
         return None
     context.fields["cache"] = "hit"
+    cache.counts["hit"] += 1
     if usage is not None:
         usage.append(0)
     response = json_bytes(request, body)

@@ -46,6 +46,9 @@ class MemoryCache:
         # away before it finished.
         self._flights: dict[str, asyncio.Future[bytes | BaseException | None]] = {}
 
+    def __len__(self) -> int:
+        return len(self._entries)
+
     def get(self, key: str, tenant: str) -> Record | None:
         entry = self._entries.get(key)
         if entry is None:
@@ -100,6 +103,14 @@ class ResponseCache:
         self._ttl = ttl_s
         # How long one sidecar may hold the fleet's lock on a key while it fetches.
         self.lock_s = lock_s
+        self.counts = {"hit": 0, "miss": 0, "bypass": 0}
+
+    def describe(self) -> dict[str, Any]:
+        """What the admin API shows: how the cache is doing, and Redis with it."""
+        info: dict[str, Any] = {**self.counts, "memory_entries": len(self.memory)}
+        if self.shared is not None:
+            info["redis"] = self.shared.describe()
+        return info
 
     async def get(self, key: str, tenant: str) -> Record | None:
         record = self.memory.get(key, tenant)

@@ -71,6 +71,10 @@ class RedisTier:
     async def set(self, key: str, value: bytes, ttl_s: float) -> None:
         await self._call("SET", self._prefix + key, value, "PX", max(1, int(ttl_s * 1000)))
 
+    def describe(self) -> dict[str, Any]:
+        return {"healthy": self.healthy, "failures": self.failures,
+                "skipped_while_open": self.skipped, "last_error": self.last_error or None}
+
     async def lock(self, key: str, token: str, ttl_s: float) -> bool | None:
         """Take the lock on `key` for `ttl_s`: True when taken, False when another holds it,
         None when Redis did not answer (then everyone goes on alone)."""
@@ -104,7 +108,7 @@ class RedisTier:
             async with asyncio.timeout(self._timeout):
                 return await command()
         except Exception as exc:  # noqa: BLE001 - any Redis trouble means: go on uncached
-            self.last_error = f"{type(exc).__name__}: {exc}"
+            self.last_error = type(exc).__name__  # the message may name the host
             self._trip(exc)
             return None
 
