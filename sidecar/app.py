@@ -112,7 +112,7 @@ async def _redis(app: web.Application) -> AsyncIterator[None]:
         yield
         return
     tier = app[REDIS] = RedisTier(settings.redis_url, settings.timeout_ms / 1000,
-                                  settings.circuit_s)
+                                  settings.circuit_s, cluster=settings.cluster)
     app[LIMITER].share(tier)
     yield
     await tier.close()

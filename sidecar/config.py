@@ -190,6 +190,8 @@ class CacheSettings(Struct, kw_only=True, forbid_unknown_fields=True):
     # A Redis shared by a fleet of sidecars (redis:// or rediss://); "" keeps answers in this
     # process only.
     redis_url: str = ""
+    # redis_url names one node of a Redis Cluster; the others are found from it.
+    cluster: bool = False
     # A slow or dead Redis costs a request at most this, then it goes on uncached.
     timeout_ms: Annotated[float, Meta(gt=0, le=10_000)] = 100.0
     # After a Redis failure, how long to stop asking it.

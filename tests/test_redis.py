@@ -28,8 +28,11 @@ USER = [{"role": "user", "content": "hi"}]
 class RedisServer:
     def __init__(self, workdir: Path) -> None:
         self.port = closed_port()
+        while self.port > 50000:  # a cluster node also listens on port + 10000
+            self.port = closed_port()
         self.workdir = workdir
         self.process: subprocess.Popen[bytes] | None = None
+        self.extra: list[str] = []
 
     @property
     def url(self) -> str:
@@ -38,7 +41,7 @@ class RedisServer:
     def start(self) -> None:
         self.process = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir)],
+             "--appendonly", "no", "--dir", str(self.workdir), *self.extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -318,6 +321,69 @@ def test_identical_misses_on_two_sidecars_make_one_upstream_call(
         assert upstream.count() == 1
         states = [a.headers["x-sidecar-cache"] for a in answers]
         assert states.count("miss") == 1 and states.count("hit") == 99
+    finally:
+        one.stop()
+        two.stop()
+
+
+@pytest.fixture
+def redis_cluster(tmp_path: Path) -> Iterator[list[RedisServer]]:
+    """Three masters on free ports, joined into one Redis Cluster."""
+    nodes = []
+    for i in range(3):
+        node = RedisServer(tmp_path / f"node{i}")
+        node.workdir.mkdir()
+        node.extra = ["--cluster-enabled", "yes", "--cluster-config-file",
+                      str(node.workdir / "nodes.conf")]
+        node.start()
+        nodes.append(node)
+    try:
+        subprocess.run(["redis-cli", "--cluster", "create",
+                        *(f"127.0.0.1:{n.port}" for n in nodes), "--cluster-replicas", "0",
+                        "--cluster-yes"], capture_output=True, check=True, timeout=30)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            info = subprocess.run(["redis-cli", "-p", str(nodes[0].port), "cluster", "info"],
+                                  capture_output=True, text=True).stdout
+            if "cluster_state:ok" in info:
+                break
+            time.sleep(0.1)
+        else:
+            raise RuntimeError("the cluster did not form")
+        yield nodes
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+def test_a_redis_cluster_serves_the_fleet(upstream: MockUpstream,
+                                          redis_cluster: list[RedisServer],
+                                          tmp_path: Path) -> None:
+    config = redis_config(upstream, redis_cluster[0]).replace(
+        "circuit_s = 1.0", "circuit_s = 1.0\ncluster = true") + \
+        "\n[limits]\nrequests_per_minute = 1000\n"
+    env = {"SIDECAR_CACHE_SECRET": SECRET}
+    one = start_sidecar(config, tmp_path / "one", env=env)
+    two = start_sidecar(config, tmp_path / "two", env=env)
+    try:
+        for i in range(6):  # keys spread over the three nodes' slots
+            assert ask(one, max_tokens=500 + i).headers["x-sidecar-cache"] == "miss"
+        time.sleep(0.3)
+        for i in range(6):
+            assert ask(two, max_tokens=500 + i).headers["x-sidecar-cache"] == "hit"
+        assert upstream.count() == 6
+        assert sum(len(node.stored()) for node in redis_cluster) >= 6
+        assert sum(1 for node in redis_cluster if node.stored()) >= 2
+        change = {"model": "gpt-test", "targets": [{"provider": "mock", "weight": 4}]}
+        assert httpx.put(one.url + "/admin/api/routes", json=change).status_code == 200
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            models = httpx.get(two.url + "/admin/api/routes").json()["models"]
+            if models["gpt-test"][0]["weight"] == 4:
+                break
+            time.sleep(0.02)
+        assert models["gpt-test"][0]["weight"] == 4
+        assert httpx.get(one.url + "/admin/api/cache").json()["redis"]["failures"] == 0
     finally:
         one.stop()
         two.stop()

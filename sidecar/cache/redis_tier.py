@@ -20,18 +20,26 @@ log = logging.getLogger("sidecar.cache")
 
 
 class RedisTier:
-    def __init__(self, url: str, timeout_s: float, circuit_s: float, prefix: str = "sc:") -> None:
+    def __init__(self, url: str, timeout_s: float, circuit_s: float, prefix: str = "sc:",
+                 cluster: bool = False) -> None:
         import redis.asyncio as aioredis
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
 
-        # A blocking pool: a burst waits (within the deadline) for a connection instead of
-        # failing with "too many connections" and opening the circuit.
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url, max_connections=64, timeout=timeout_s, socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s, health_check_interval=0)
         # No retries of its own: the deadline is the whole budget, then the request goes on.
-        self._client: Any = aioredis.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 0))
+        no_retry = Retry(NoBackoff(), 0)
+        if cluster:
+            # Each key (and each script's one key) lives on the node its slot says.
+            self._client: Any = aioredis.RedisCluster.from_url(
+                url, max_connections=256, socket_timeout=timeout_s,
+                socket_connect_timeout=timeout_s, retry=no_retry)
+        else:
+            # A blocking pool: a burst waits (within the deadline) for a connection instead
+            # of failing with "too many connections" and opening the circuit.
+            pool = aioredis.BlockingConnectionPool.from_url(
+                url, max_connections=64, timeout=timeout_s, socket_timeout=timeout_s,
+                socket_connect_timeout=timeout_s, health_check_interval=0)
+            self._client = aioredis.Redis(connection_pool=pool, retry=no_retry)
         self._timeout = timeout_s
         self._circuit_s = circuit_s
         self._open_until = 0.0
@@ -95,7 +103,9 @@ class RedisTier:
         if self._background:
             await asyncio.wait(list(self._background), timeout=1.0)
         await self._client.aclose()
-        await self._client.connection_pool.disconnect()
+        pool = getattr(self._client, "connection_pool", None)
+        if pool is not None:
+            await pool.disconnect()
 
     async def _call(self, *args: Any) -> Any:
         return await self._guarded(lambda: self._client.execute_command(*args))
