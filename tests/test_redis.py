@@ -8,6 +8,7 @@ import os
 import random
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +34,7 @@ class RedisServer:
         self.workdir = workdir
         self.process: subprocess.Popen[bytes] | None = None
         self.extra: list[str] = []
+        self.ping_args: list[str] = []
 
     @property
     def url(self) -> str:
@@ -45,7 +47,7 @@ class RedisServer:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            probe = subprocess.run(["redis-cli", "-p", str(self.port), "ping"],
+            probe = subprocess.run(["redis-cli", "-p", str(self.port), *self.ping_args, "ping"],
                                    capture_output=True, text=True)
             if probe.stdout.strip() == "PONG":
                 return
@@ -384,6 +386,62 @@ def test_a_redis_cluster_serves_the_fleet(upstream: MockUpstream,
             time.sleep(0.02)
         assert models["gpt-test"][0]["weight"] == 4
         assert httpx.get(one.url + "/admin/api/cache").json()["redis"]["failures"] == 0
+    finally:
+        one.stop()
+        two.stop()
+
+
+def test_rediss_is_a_real_tls_handshake(upstream: MockUpstream, tmp_path: Path) -> None:
+    certs = tmp_path / "certs"
+    subprocess.run([sys.executable, "-m", "sidecar", "gen-cert", "--out", str(certs),
+                    "--hosts", "127.0.0.1"], check=True, capture_output=True)
+    server = RedisServer(tmp_path)
+    server.extra = ["--port", "0", "--tls-port", str(server.port),
+                    "--tls-cert-file", str(certs / "cert.pem"),
+                    "--tls-key-file", str(certs / "key.pem"),
+                    "--tls-ca-cert-file", str(certs / "ca.pem"), "--tls-auth-clients", "no"]
+    server.ping_args = ["--tls", "--cacert", str(certs / "ca.pem")]
+    server.start()
+    try:
+        url = f"rediss://127.0.0.1:{server.port}/0?ssl_ca_certs={certs / 'ca.pem'}"
+        config = redis_config(upstream, server).replace(server.url, url)
+        sidecar = start_sidecar(config, tmp_path / "sidecar",
+                                env={"SIDECAR_CACHE_SECRET": SECRET})
+        try:
+            assert ask(sidecar, max_tokens=900).headers["x-sidecar-cache"] == "miss"
+            time.sleep(0.3)
+            stored = subprocess.run(["redis-cli", "-p", str(server.port), *server.ping_args,
+                                     "--scan"], capture_output=True, text=True).stdout.split()
+            assert len(stored) == 1
+            assert httpx.get(sidecar.url + "/admin/api/cache").json()["redis"]["failures"] == 0
+        finally:
+            sidecar.stop()
+        # A plain-text client gets nothing from the TLS port.
+        plain = subprocess.run(["redis-cli", "-p", str(server.port), "ping"],
+                               capture_output=True, text=True, timeout=10)
+        assert "PONG" not in plain.stdout
+    finally:
+        server.stop()
+
+
+def test_redis_entries_expire_with_the_ttl(upstream: MockUpstream, redis_server: RedisServer,
+                                           tmp_path: Path) -> None:
+    config = redis_config(upstream, redis_server).replace("[cache]\n", "[cache]\nttl_s = 1\n")
+    env = {"SIDECAR_CACHE_SECRET": SECRET}
+    one = start_sidecar(config, tmp_path / "one", env=env)
+    two = start_sidecar(config, tmp_path / "two", env=env)
+    try:
+        assert ask(one, max_tokens=77).headers["x-sidecar-cache"] == "miss"
+        time.sleep(0.2)
+        [key] = redis_server.stored()
+        ttl = subprocess.run(["redis-cli", "-p", str(redis_server.port), "PTTL", key],
+                             capture_output=True, text=True).stdout.strip()
+        assert 0 < int(ttl) <= 1000
+        assert ask(two, max_tokens=77).headers["x-sidecar-cache"] == "hit"
+        time.sleep(1.1)
+        assert redis_server.stored() == []
+        assert ask(two, max_tokens=77).headers["x-sidecar-cache"] == "miss"
+        assert upstream.count() == 2
     finally:
         one.stop()
         two.stop()
