@@ -157,3 +157,23 @@ async def test_the_event_loop_only_waits(engine: tuple[ExLlamaV2Engine, Generato
     finally:
         blockbuster.deactivate()
     assert [r[1:] for r in results] == [("length", 20), ("length", 20)]
+
+
+async def test_a_stuck_generator_makes_the_engine_look_hung(model_dir: Path) -> None:
+    generator = Generator()
+    exl = ExLlamaV2Engine(loader=standin_loader(generator, model_dir), max_batch_size=2,
+                          max_queue=1, max_seq_len=256, stall_s=0.3, load_wait_s=5)
+    await exl.load(str(model_dir))
+    try:
+        await asyncio.sleep(0.5)  # idle longer than stall_s: not hung, nothing is running
+        generator.gate.clear()  # the next step never finishes
+        job = await exl.submit([1, 2, 3], Params(max_tokens=50), wait=True)
+        await asyncio.sleep(0.1)
+        assert exl.stats.active == 1 and not exl.hung()  # a job that just started
+        await asyncio.sleep(0.4)
+        assert exl.hung()  # no token for longer than stall_s with a job active
+        job.cancel()
+    finally:
+        generator.gate.set()
+        await exl.close()
+    assert not exl.hung()

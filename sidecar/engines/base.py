@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sidecar.errors import InvalidRequest, SidecarError, Spillable
+from sidecar.errors import InvalidRequest, SidecarError, Spillable, UpstreamError
 
 log = logging.getLogger("sidecar.engine")
 
@@ -42,10 +42,13 @@ class EngineNotReady(Spillable):
     code = "engine_not_ready"
 
 
-class EngineFailure(SidecarError):
-    """The generator failed while it held the job; the engine recovers for the next one."""
+class EngineFailure(UpstreamError):
+    """The generator failed while it held the job; the engine recovers for the next one.
+    Like an upstream's failure, it counts against the target and lets another take the
+    request before the first byte."""
 
     status = 500
+    type = "server_error"
     code = "engine_failure"
 
 
@@ -342,7 +345,11 @@ class ThreadedEngine:
         self._stopping = True
         self._inbox.put(None)
         self._thread = None
-        await asyncio.to_thread(thread.join)
+        # A worker stuck inside the library (a hung GPU) is left behind, not waited for.
+        await asyncio.to_thread(thread.join, self.stall_s)
+        if thread.is_alive():
+            log.error("local engine worker did not stop; leaving it behind",
+                      extra={"fields": {"engine": self.kind, "waited_s": self.stall_s}})
         error = EngineNotReady(f"The request was stopped: {reason}.",
                                headers={"Retry-After": "5"})
         self._deliver([(job, error) for job in list(self._jobs)])
@@ -380,6 +387,10 @@ class ThreadedEngine:
             for job in [j for j in waiting if j.cancelled]:
                 waiting.remove(job)
                 events.append((job, DROPPED))
+            if waiting and len(active) < self.max_batch_size:
+                # Progress starts now: an engine idle for an hour is not hung the moment a
+                # job arrives.
+                self.stats.last_progress = time.monotonic()
             while waiting and len(active) < self.max_batch_size:
                 job = waiting.popleft()
                 try:
