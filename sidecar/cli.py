@@ -267,4 +267,25 @@ def _check(args: argparse.Namespace) -> int:
     for row in table:
         cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
         print("  ".join(cells).rstrip())
-    return 0
+    return _check_engines(settings)
+
+
+def _check_engines(settings: config.Settings) -> int:
+    """Whether each local provider's engine can run on this machine, as `serve` would find."""
+    local = {name: p for name, p in settings.providers.items()
+             if isinstance(p, config.LocalProviderSettings)}
+    if not local:
+        return 0
+    from sidecar.engines.base import EngineUnusable
+    from sidecar.engines.factory import make_engine
+
+    status = 0
+    for name, provider in local.items():
+        try:
+            engine = make_engine(provider)
+        except EngineUnusable as exc:
+            print(f"providers.{name}: cannot run here: {exc}", file=sys.stderr)
+            status = 1
+            continue
+        print(f"providers.{name}: engine {engine.kind} can run here")
+    return status

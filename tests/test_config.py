@@ -156,3 +156,15 @@ def test_short_hmac_secret_is_refused(tmp_path: Path, monkeypatch: pytest.Monkey
             'issuer = "i"\naudience = "a"\n')
     with pytest.raises(ConfigError, match="at least 32 characters"):
         config.load(write(tmp_path, GOOD + auth))
+
+
+def test_check_config_says_whether_a_local_engine_can_run_here(tmp_path: Path) -> None:
+    shipped = (ROOT / "config" / "sidecar.toml").read_text()
+    assert "providers.local: engine transformers can run here" in \
+        check_config("config/sidecar.toml").stdout
+    gpu = tmp_path / "gpu.toml"
+    gpu.write_text(shipped.replace('engine = "auto"', 'engine = "exllamav2"'))
+    result = check_config(str(gpu))
+    assert result.returncode == 1
+    assert 'providers.local: cannot run here: engine "exllamav2" needs a CUDA GPU' in \
+        result.stderr
