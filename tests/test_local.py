@@ -328,3 +328,20 @@ def test_exllamav2_without_a_gpu_fails_at_start_in_one_sentence(
     assert "exited with 1" in output
     assert "sidecar: cannot start: engine \"exllamav2\" needs" in output
     assert "Traceback" not in output
+
+
+async def test_the_cpu_engine_runs_in_bfloat16_when_asked() -> None:
+    from sidecar.engines.base import Params
+    from sidecar.engines.transformers import TransformersEngine
+
+    engine = TransformersEngine(dtype="bfloat16", max_batch_size=1, max_queue=1,
+                                max_seq_len=256, stall_s=30, load_wait_s=30)
+    await engine.load("builtin:smollm2-135m-instruct")
+    try:
+        ids = engine.encode_prompt(engine.render_chat(QUESTION))
+        job = await engine.submit(ids, Params(max_tokens=12, temperature=0), wait=True)
+        text = "".join([d.text async for d in job.deltas() if d is not None])
+        assert "Paris" in text
+        assert engine.describe()["dtype"] == "bfloat16"
+    finally:
+        await engine.close()

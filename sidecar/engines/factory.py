@@ -26,7 +26,8 @@ def make_engine(settings: LocalProviderSettings) -> ThreadedEngine:
         exllamav2.check_available()
         return exllamav2.ExLlamaV2Engine(cache_type=settings.cache, **common)
     transformers.check_available()
-    return transformers.TransformersEngine(idle_priority=settings.idle_priority, **common)
+    return transformers.TransformersEngine(idle_priority=settings.idle_priority,
+                                           dtype=settings.dtype, **common)
 
 
 def _gpu_engine_usable() -> bool:

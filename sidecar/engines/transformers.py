@@ -75,9 +75,11 @@ class _Sequence:
 class TransformersEngine(ThreadedEngine):
     kind = "transformers"
 
-    def __init__(self, *, idle_priority: bool = True, **kwargs: Any) -> None:
+    def __init__(self, *, idle_priority: bool = True, dtype: str = "float32",
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.idle_priority = idle_priority
+        self.dtype = dtype
         self._loaded: _Loaded | None = None
         self._configured_seq_len = self.max_seq_len
 
@@ -95,7 +97,7 @@ class TransformersEngine(ThreadedEngine):
         torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
         path = models.resolve(model)
         network = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch.float32, local_files_only=True)
+            path, dtype=getattr(torch, self.dtype), local_files_only=True)
         network.eval()  # type: ignore[no-untyped-call]
         config = network.config
         limit = getattr(config, "max_position_embeddings", None) or self._configured_seq_len
@@ -122,6 +124,9 @@ class TransformersEngine(ThreadedEngine):
         # while the CPU model generates.
         with contextlib.suppress(OSError, AttributeError):
             os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "dtype": self.dtype}
 
     # -- the loop's side ---------------------------------------------------------------
 
