@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -227,6 +228,8 @@ def _serve(args: argparse.Namespace) -> int:
     if args.port is not None:
         settings.server.port = args.port
     writer = slog.configure(settings.logging.level)
+    # The log is JSON lines: no library's progress bar (tqdm reads this when imported).
+    os.environ.setdefault("TQDM_DISABLE", "1")
     from sidecar.engines.base import EngineUnusable
     from sidecar.server import run
 

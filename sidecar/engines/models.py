@@ -120,9 +120,15 @@ def convert_gguf(source: Path, filename: str, target: Path) -> None:
         if hasattr(config, "quantization_config"):
             del config.quantization_config  # the weights written are plain FP16
         save_model_dir(model, tokenizer, work)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(work, target)
+        if target.exists() and not (target / "model.safetensors").is_file():
+            shutil.rmtree(target)  # a leftover without weights, not another's finished copy
+        try:
+            os.replace(work, target)
+        except OSError:
+            # Another process finished converting first (it renames atomically too): its
+            # copy is as good as ours, and may be in use.
+            if not (target / "model.safetensors").is_file():
+                raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
