@@ -3,6 +3,7 @@ parameters, and what the engine generates becomes OpenAI's chunks and answers.""
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncGenerator
@@ -89,24 +90,24 @@ class LocalBackend:
             if plan.chat:  # OpenAI's first chunk names the role
                 yield chunk.delta({"role": "assistant", "content": "", "refusal": None})
             tokens = 0
-            deltas = job.deltas(self.heartbeat_s)
             timing = call.timing
-            while True:
-                waited = perf_counter()
-                try:
-                    delta = await anext(deltas)
-                except StopAsyncIteration:
-                    break
-                finally:
-                    timing.upstream += perf_counter() - waited
-                if delta is None:
-                    yield HEARTBEAT
-                    continue
-                tokens = delta.completion_tokens
-                if delta.text:
-                    yield chunk.text(delta.text)
-                if delta.finish_reason is not None:
-                    yield chunk.finish(delta.finish_reason)
+            async with contextlib.aclosing(job.deltas(self.heartbeat_s)) as deltas:
+                while True:
+                    waited = perf_counter()
+                    try:
+                        delta = await anext(deltas)
+                    except StopAsyncIteration:
+                        break
+                    finally:
+                        timing.upstream += perf_counter() - waited
+                    if delta is None:
+                        yield HEARTBEAT
+                        continue
+                    tokens = delta.completion_tokens
+                    if delta.text:
+                        yield chunk.text(delta.text)
+                    if delta.finish_reason is not None:
+                        yield chunk.finish(delta.finish_reason)
             if plan.include_usage:
                 yield orjson.dumps({**head, "choices": [],
                                     "usage": _usage(len(plan.prompt_ids), tokens)})

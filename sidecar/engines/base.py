@@ -17,7 +17,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,7 +113,8 @@ class Job:
             self.cancelled = True
             self._engine.wake()
 
-    async def deltas(self, heartbeat_s: float | None = None) -> AsyncIterator[Delta | None]:
+    async def deltas(self, heartbeat_s: float | None = None
+                     ) -> AsyncGenerator[Delta | None, None]:
         """The job's deltas as they come; None after `heartbeat_s` of silence."""
         get = self._items.get
         while True:
