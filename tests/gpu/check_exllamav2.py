@@ -1,8 +1,10 @@
 """The GPU check: ExLlamaV2 behind the sidecar on a CUDA machine, offline.
 
-    python tests/gpu/check_exllamav2.py prepare OUT   # on a machine with the embedded model:
-                                                    # config, tokenizer, template (~4 MB)
-    python tests/gpu/check_exllamav2.py run DIR       # on the GPU machine
+    tests/gpu/prepare.sh                            # with network: wheels + model files,
+                                                    # into tests/gpu/bundle/ (~20 MB)
+    python tests/gpu/check_exllamav2.py prepare OUT   # the model files alone: config,
+                                                    # tokenizer, template (~4 MB)
+    python tests/gpu/check_exllamav2.py run DIR       # on the GPU machine (see prepare.sh)
 
 `run` builds a model directory for ExLlamaV2 in DIR/model: from the embedded SmolLM2 weights
 when DIR/weights/model.safetensors is there (FP16, ~330 MB, carried separately), otherwise
