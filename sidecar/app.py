@@ -169,7 +169,8 @@ async def _upstreams(app: web.Application) -> AsyncIterator[None]:
         sync = app[ROUTE_SYNC] = None
         if settings.cache.redis_url:  # a fleet on one Redis is steered as one
             sync = app[ROUTE_SYNC] = RouteSync(settings.cache.redis_url, table, state,
-                                               settings.cache.timeout_ms / 1000)
+                                               settings.cache.timeout_ms / 1000,
+                                               app[CACHE_SECRET])
             tasks.append(asyncio.create_task(sync.run(), name="route-sync"))
         # Models load in the background: /healthz answers at once, /readyz once they are in.
         tasks += [asyncio.create_task(_load(b), name=f"load-{b.name}")

@@ -4,6 +4,7 @@ these tests: sharing between sidecars, tenants, a dead or frozen Redis, cancella
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import signal
@@ -244,6 +245,16 @@ def test_a_weight_changed_on_one_sidecar_reaches_the_other_within_a_second(
         # An invalid change is refused where it is made and never published.
         bad = {"model": "gpt-test", "targets": [{"provider": "mock", "weight": -1}]}
         assert httpx.put(one.url + "/admin/api/routes", json=bad).status_code == 400
+        # Whoever can write to the Redis but lacks the fleet's secret steers nothing.
+        body = json.dumps({"origin": "x", "model": "gpt-test",
+                           "targets": [{"provider": "mock", "weight": 0.5}]})
+        for forged in (body, json.dumps({"body": body, "sig": "0" * 64})):
+            subprocess.run(["redis-cli", "-p", str(redis_server.port), "PUBLISH", "sc:routes",
+                            forged], check=True, capture_output=True)
+        assert two.wait_for_log("unsigned or forged route change")
+        time.sleep(0.2)
+        assert httpx.get(two.url + "/admin/api/routes").json()["models"]["gpt-test"][0][
+            "weight"] == 7
     finally:
         one.stop()
         two.stop()

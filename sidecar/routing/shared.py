@@ -5,6 +5,8 @@ the sharing: each sidecar keeps serving with the weights it has, and resubscribe
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import logging
 import os
 from typing import Any
@@ -20,8 +22,13 @@ CHANNEL = "sc:routes"
 
 
 class RouteSync:
-    def __init__(self, url: str, table: RouteTable, state: RouteState, timeout_s: float) -> None:
+    def __init__(self, url: str, table: RouteTable, state: RouteState, timeout_s: float,
+                 secret: bytes) -> None:
         import redis.asyncio as aioredis
+
+        # Messages are signed with the fleet's secret: whoever can write to the Redis but
+        # does not hold it cannot steer the fleet's traffic.
+        self._secret = secret
 
         self._redis: Any = aioredis.Redis.from_url(url, socket_connect_timeout=timeout_s)
         self._table = table
@@ -29,8 +36,12 @@ class RouteSync:
         self._timeout = max(timeout_s, 0.5)
         self.origin = os.urandom(8).hex()  # this process: its own messages are not applied
 
+    def _sign(self, body: bytes) -> str:
+        return hmac.new(self._secret, b"routes\0" + body, hashlib.sha256).hexdigest()
+
     async def publish(self, model: str, targets: list[dict[str, Any]]) -> bool:
-        message = orjson.dumps({"origin": self.origin, "model": model, "targets": targets})
+        body = orjson.dumps({"origin": self.origin, "model": model, "targets": targets})
+        message = orjson.dumps({"body": body.decode(), "sig": self._sign(body)})
         try:
             async with asyncio.timeout(self._timeout):
                 await self._redis.publish(CHANNEL, message)
@@ -58,9 +69,14 @@ class RouteSync:
 
     async def _apply(self, data: Any) -> None:
         try:
-            change = orjson.loads(data)
+            envelope = orjson.loads(data)
+            body, sig = envelope["body"].encode(), envelope["sig"]
+            if not isinstance(sig, str) or not hmac.compare_digest(sig, self._sign(body)):
+                log.warning("unsigned or forged route change on redis; ignored")
+                return
+            change = orjson.loads(body)
             origin, model, targets = change["origin"], change["model"], change["targets"]
-        except (orjson.JSONDecodeError, KeyError, TypeError):
+        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
             return
         if origin == self.origin:
             return
