@@ -122,7 +122,8 @@ async def _cache(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS].cache
     if settings.enabled:
         app[CACHE] = ResponseCache(MemoryCache(settings.memory_items, settings.ttl_s),
-                                   settings.ttl_s, app[REDIS], settings.lock_s)
+                                   settings.ttl_s, app[REDIS], settings.lock_s,
+                                   app[CACHE_SECRET])
     yield
 
 

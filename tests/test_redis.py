@@ -210,14 +210,26 @@ async def test_a_cancellation_storm_never_crosses_replies(redis_server: RedisSer
         await tier.close()
 
 
-async def test_an_entry_of_another_tenant_is_never_served(redis_server: RedisServer) -> None:
+async def test_an_entry_of_another_tenant_or_a_planted_one_is_never_served(
+        redis_server: RedisServer) -> None:
     tier = RedisTier(redis_server.url, timeout_s=1.0, circuit_s=1.0)
-    cache = ResponseCache(MemoryCache(16, 60), 60, tier)
+    cache = ResponseCache(MemoryCache(16, 60), 60, tier, secret=SECRET.encode())
+    other = ResponseCache(MemoryCache(16, 60), 60, tier, secret=SECRET.encode())
     try:
-        await tier.set("key", Record("tenant-a", "json", b'{"x":1}').encode(), 60)
-        assert await cache.get("key", "tenant-b") is None
-        found = await cache.get("key", "tenant-a")
+        cache.put("key", Record("tenant-a", "json", b'{"x":1}'))
+        await asyncio.sleep(0.1)  # the Redis write follows
+        assert await other.get("key", "tenant-b") is None
+        found = await other.get("key", "tenant-a")
         assert found is not None and found.body == b'{"x":1}'
+        # Written by someone without the secret, or moved to another key: not served.
+        await tier.set("planted", Record("tenant-a", "json", b'{"x":2}').encode(), 60)
+        raw = await tier.get("key")
+        assert raw is not None
+        await tier.set("moved", raw, 60)
+        fresh = ResponseCache(MemoryCache(16, 60), 60, tier, secret=SECRET.encode())
+        assert await fresh.get("planted", "tenant-a") is None
+        assert await fresh.get("moved", "tenant-a") is None
+        assert fresh.counts["forged"] == 2
     finally:
         await tier.close()
 

@@ -97,13 +97,33 @@ class ResponseCache:
     """The in-process tier in front of the shared Redis tier (when one is configured)."""
 
     def __init__(self, memory: MemoryCache, ttl_s: float, shared: RedisTier | None = None,
-                 lock_s: float = 10.0) -> None:
+                 lock_s: float = 10.0, secret: bytes = b"") -> None:
         self.memory = memory
         self.shared = shared
         self._ttl = ttl_s
+        self._secret = secret or os.urandom(32)
         # How long one sidecar may hold the fleet's lock on a key while it fetches.
         self.lock_s = lock_s
-        self.counts = {"hit": 0, "miss": 0, "bypass": 0}
+        self.counts = {"hit": 0, "miss": 0, "bypass": 0, "forged": 0}
+
+    def _seal(self, key: str, record: Record) -> bytes:
+        """The record as stored in Redis, signed with the fleet's secret (and bound to its
+        key), so that whoever can write to the Redis cannot plant or move an answer."""
+        body = record.encode()
+        return self._mac(key, body) + b"." + body
+
+    def _open(self, key: str, raw: bytes | None) -> Record | None:
+        if not raw:
+            return None
+        mac, _, body = raw.partition(b".")
+        if not hmac.compare_digest(mac, self._mac(key, body)):
+            self.counts["forged"] += 1
+            return None
+        return Record.decode(body)
+
+    def _mac(self, key: str, body: bytes) -> bytes:
+        message = b"record\0" + key.encode() + b"\0" + body
+        return hmac.new(self._secret, message, hashlib.sha256).hexdigest().encode()
 
     def describe(self) -> dict[str, Any]:
         """What the admin API shows: how the cache is doing, and Redis with it."""
@@ -116,7 +136,7 @@ class ResponseCache:
         record = self.memory.get(key, tenant)
         if record is not None or self.shared is None:
             return record
-        record = Record.decode(await self.shared.get(key))
+        record = self._open(key, await self.shared.get(key))
         if record is None or record.tenant != tenant:
             return None  # the key binds the tenant; the stored owner is checked all the same
         self.memory.put(key, tenant, record)
@@ -126,7 +146,7 @@ class ResponseCache:
         """Keep an answer; the Redis write goes on after the response, off its path."""
         self.memory.put(key, record.tenant, record)
         if self.shared is not None:
-            self.shared.spawn(self.shared.set(key, record.encode(), self._ttl))
+            self.shared.spawn(self.shared.set(key, self._seal(key, record), self._ttl))
 
     async def single_flight(self, key: str, tenant: str,
                             fetch: Callable[[], Awaitable[bytes]], *, fleet: bool = True
@@ -153,7 +173,7 @@ class ResponseCache:
                 if held:
                     record = Record(tenant, "json", answer)
                     self.memory.put(key, tenant, record)
-                    await shared.set(key, record.encode(), self._ttl)
+                    await shared.set(key, self._seal(key, record), self._ttl)
                 return answer
             finally:
                 if held:
@@ -169,11 +189,11 @@ class ResponseCache:
         deadline = time.monotonic() + self.lock_s
         while time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-            record = Record.decode(await self.shared.get(key))
+            record = self._open(key, await self.shared.get(key))
             if record is not None and record.tenant == tenant:
                 return as_json(record)
             if not await self.shared.locked(key):
-                record = Record.decode(await self.shared.get(key))
+                record = self._open(key, await self.shared.get(key))
                 if record is not None and record.tenant == tenant:
                     return as_json(record)
                 return None
