@@ -3,6 +3,7 @@ client, real generation with SmolLM2-135M-Instruct (loaded once for these tests)
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import time
 from collections.abc import Iterator
@@ -345,3 +346,56 @@ async def test_the_cpu_engine_runs_in_bfloat16_when_asked() -> None:
         assert engine.describe()["dtype"] == "bfloat16"
     finally:
         await engine.close()
+
+
+async def test_sequences_generated_together_say_what_each_says_alone() -> None:
+    """Three prompts of different lengths, joining and leaving the batch at different
+    steps, give the same greedy text as each generated alone."""
+    from sidecar.engines.base import Params
+    from sidecar.engines.transformers import TransformersEngine
+
+    engine = TransformersEngine(max_batch_size=4, max_queue=4, max_seq_len=512, stall_s=30,
+                                load_wait_s=30)
+    await engine.load("builtin:smollm2-135m-instruct")
+    prompts = [QUESTION, LONG_ANSWER,
+               [{"role": "user", "content": "List three fruits, one per line, and nothing else."}]]
+    lengths = (10, 24, 16)
+
+    async def run(messages: list[dict[str, str]], tokens: int) -> str:
+        ids = engine.encode_prompt(engine.render_chat(messages))
+        job = await engine.submit(ids, Params(max_tokens=tokens, temperature=0), wait=True)
+        return "".join([d.text async for d in job.deltas() if d is not None])
+
+    try:
+        alone = [await run(p, n) for p, n in zip(prompts, lengths, strict=True)]
+        together = await asyncio.gather(*(run(p, n) for p, n in zip(prompts, lengths,
+                                                                   strict=True)))
+        assert list(together) == alone
+        assert engine.stats.active == 0
+    finally:
+        await engine.close()
+
+
+def test_the_batch_pads_on_the_left_and_drops_what_no_row_needs() -> None:
+    import torch
+
+    from sidecar.engines.batch import KVBatch, cache_layers, new_cache
+
+    def cache(length: int, value: float) -> object:
+        return new_cache([(torch.full((1, 2, length, 4), value),
+                           torch.full((1, 2, length, 4), -value))] * 2)
+
+    batch = KVBatch()
+    batch.add("a", cache(3, 1.0))
+    batch.add("b", cache(5, 2.0))  # longer: the batch is padded to it
+    batch.add("c", cache(2, 3.0))  # shorter: padded to the batch
+    keys = cache_layers(batch._cache)[0][0]
+    assert keys.shape == (3, 2, 5, 4)
+    assert batch._mask.tolist() == [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 1, 1]]
+    assert keys[0, 0, :, 0].tolist() == [0, 0, 1, 1, 1]
+    batch.remove(["b"])  # the first two columns are padding for every row left
+    keys = cache_layers(batch._cache)[0][0]
+    assert batch.rows == ["a", "c"] and keys.shape == (2, 2, 3, 4)
+    assert batch._mask.tolist() == [[1, 1, 1], [0, 1, 1]]
+    batch.remove(["a", "c"])
+    assert len(batch) == 0

@@ -1,8 +1,8 @@
 """The CPU engine: a transformers causal LM, driven token by token on the worker thread.
 
-Each active job keeps its own KV cache; the worker advances every active job by one token per
-round, so concurrent requests all make progress (interleaved, not batched: on a small CPU
-model a batched forward buys little, and this keeps every sequence's cache its own).
+A job is prefilled on its own, then joins the batch of sequences being generated: every step
+is one forward pass for all of them (engines/batch.py), so concurrent requests share the cost
+of reading the weights.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 
 from sidecar.engines import models
 from sidecar.engines.base import Delta, EngineNotReady, EngineUnusable, Job, ThreadedEngine
+from sidecar.engines.batch import KVBatch
 from sidecar.engines.prompt import Prompting, eos_ids
 from sidecar.engines.sampling import next_token
 from sidecar.engines.text import Detokenizer
@@ -58,13 +59,11 @@ class _Loaded:
 
 
 class _Sequence:
-    """A job's state on the worker: its cache, its tokens, its text so far."""
+    """A job's state on the worker: its tokens, its sampler, its text so far."""
 
-    __slots__ = ("counts", "detok", "generated", "generator", "past", "pending")
+    __slots__ = ("counts", "detok", "generated", "generator", "pending")
 
-    def __init__(self, past: Any, pending: int, generator: Any, counts: Any,
-                 detok: Detokenizer) -> None:
-        self.past = past
+    def __init__(self, pending: int, generator: Any, counts: Any, detok: Detokenizer) -> None:
         self.pending = pending  # sampled, not yet emitted nor fed back
         self.generated: list[int] = []
         self.generator = generator
@@ -81,6 +80,7 @@ class TransformersEngine(ThreadedEngine):
         self.idle_priority = idle_priority
         self.dtype = dtype
         self._loaded: _Loaded | None = None
+        self._batch = KVBatch()  # worker thread only
         self._configured_seq_len = self.max_seq_len
 
     # -- loading (in a thread) ---------------------------------------------------------
@@ -115,6 +115,7 @@ class TransformersEngine(ThreadedEngine):
 
     def _unload(self) -> None:
         self._loaded = None
+        self._batch = KVBatch()
 
     def _worker_started(self) -> None:
         if not self.idle_priority:
@@ -164,23 +165,36 @@ class TransformersEngine(ThreadedEngine):
         def decode(ids: Sequence[int]) -> str:
             return str(decoder.decode(list(ids), skip_special_tokens=True))
 
-        job.native = _Sequence(cache, token, generator, counts,
-                               Detokenizer(decode, params.stop))
+        job.native = _Sequence(token, generator, counts, Detokenizer(decode, params.stop))
+        self._batch.add(job, cache)
 
     def _step(self, active: list[Job]) -> list[tuple[Job, Delta]]:
         import torch
 
         loaded = self._require()
+        batch = self._batch
         produced: list[tuple[Job, Delta]] = []
-        with torch.inference_mode():
-            for job in active:
-                delta = self._advance(job, loaded)
-                produced.append((job, delta))
-                if delta.finish_reason is not None:
-                    job.native = None  # frees the cache now
+        finished = []
+        for job in batch.rows:
+            delta = self._emit(job, loaded)
+            produced.append((job, delta))
+            if delta.finish_reason is not None:
+                finished.append(job)
+        batch.remove(finished)
+        for job in finished:
+            job.native = None
+        if batch.rows:
+            with torch.inference_mode():
+                logits = batch.forward(loaded.model, loaded.cache_arg,
+                                       [job.native.pending for job in batch.rows])
+                for row, job in enumerate(batch.rows):
+                    seq: _Sequence = job.native
+                    seq.pending = next_token(logits[row], job.params, seq.counts,
+                                             seq.generator)
         return produced
 
-    def _advance(self, job: Job, loaded: _Loaded) -> Delta:
+    def _emit(self, job: Job, loaded: _Loaded) -> Delta:
+        """The text the job's pending token adds, and whether the job ends with it."""
         seq: _Sequence = job.native
         token = seq.pending
         seq.generated.append(token)
@@ -196,24 +210,32 @@ class TransformersEngine(ThreadedEngine):
             return Delta(text + seq.detok.flush(), count, "length")
         if seq.counts is not None:
             seq.counts[token] += 1
-        logits, seq.past = loaded.forward([[token]], seq.past)
-        seq.pending = next_token(logits, job.params, seq.counts, seq.generator)
         return Delta(text, count)
 
     def _drop(self, job: Job) -> None:
+        self._batch.remove([job])
         job.native = None
 
+    def _reset(self, jobs: list[Job]) -> None:
+        for job in jobs:
+            job.native = None
+        self._batch = KVBatch()
+
     def generate_direct(self, prompt_ids: list[int], params: Any) -> tuple[str, int]:
-        """The same generation loop without the queue, the thread hand-off or HTTP: what a
-        benchmark compares the sidecar against. Blocking."""
+        """The same generation code without the queue, the thread hand-off or HTTP: what a
+        benchmark compares the sidecar against. Blocking; call it while no request runs."""
         job = Job(self, prompt_ids, params)
-        self._start(job)
-        pieces = []
-        while True:
-            [(_, delta)] = self._step([job])
-            pieces.append(delta.text)
-            if delta.finish_reason is not None:
-                return "".join(pieces), delta.completion_tokens
+        shared, self._batch = self._batch, KVBatch()
+        try:
+            self._start(job)
+            pieces = []
+            while True:
+                [(_, delta)] = self._step([job])
+                pieces.append(delta.text)
+                if delta.finish_reason is not None:
+                    return "".join(pieces), delta.completion_tokens
+        finally:
+            self._batch = shared
 
 
 def quiet_transformers() -> None:
