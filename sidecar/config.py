@@ -100,10 +100,10 @@ class LocalProviderSettings(Struct, kw_only=True, forbid_unknown_fields=True, ta
     stall_s: PositiveFloat = 30.0
     # A request that arrives while the model loads waits this long, then gets a 503.
     load_wait_s: Annotated[float, Meta(ge=0)] = 60.0
-    # The CPU engine's weights. bfloat16 needs a CPU that computes it natively (AVX512-BF16,
-    # AMX); measured here it gave 1.1x the tokens/s of float32 on the engine's one thread, and
-    # proxied requests beside it a worse p99, so float32 stays the default.
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    # The CPU engine's weights. "auto": bfloat16 where the CPU computes it natively
+    # (AVX512-BF16, AMX), which halves the bytes read per token; float32 elsewhere, where
+    # bfloat16 would be emulated and slow.
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     # The CPU engine generates at idle priority (SCHED_IDLE), so request handling always
     # runs first. On a machine whose cores are always busy that can starve the model: set
     # false there.

@@ -39,6 +39,7 @@ kind = "local"
 engine = "transformers"
 max_seq_len = 2048
 max_batch_size = 8
+dtype = "{dtype}"
 
 [providers.mock]
 kind = "openai"
@@ -103,7 +104,8 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--requests", type=int, default=200)
-    parser.add_argument("--latency-rounds", type=int, default=5)
+    parser.add_argument("--latency-rounds", type=int, default=6)
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto")
     parser.add_argument("--keep-generating", nargs=2, metavar=("URL", "FLAG"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -115,7 +117,8 @@ def main() -> int:
             else:
                 time.sleep(0.01)
 
-    engine = TransformersEngine(max_batch_size=1, max_queue=1, max_seq_len=2048, stall_s=60,
+    engine = TransformersEngine(dtype=args.dtype, max_batch_size=1, max_queue=1,
+                                max_seq_len=2048, stall_s=60,
                                 load_wait_s=60)
 
     async def load() -> None:
@@ -125,7 +128,8 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-local-"))
     mock_port, port = free_port(), free_port()
     config = work / "sidecar.toml"
-    config.write_text(CONFIG.format(port=port, mock=mock_port, state=work / "routes.json"))
+    config.write_text(CONFIG.format(port=port, mock=mock_port, state=work / "routes.json",
+                                    dtype=args.dtype))
     with process([PY, "-m", "tests.bench.mock", str(mock_port)], LOAD_CPU, mock_port), \
             process([PY, "-m", "sidecar", "serve", "--config", str(config)], "0-1", port,
                     log=work / "sidecar.log"):
