@@ -399,3 +399,34 @@ def test_the_batch_pads_on_the_left_and_drops_what_no_row_needs() -> None:
     assert batch._mask.tolist() == [[1, 1, 1], [0, 1, 1]]
     batch.remove(["a", "c"])
     assert len(batch) == 0
+
+
+async def test_a_model_with_sliding_windows_generates_one_sequence_at_a_time(
+        tmp_path: Path) -> None:
+    """The batch rebuilds caches as full-attention ones; a model whose config says otherwise
+    keeps its own cache and runs one sequence at a time."""
+    import json
+    import os
+
+    from sidecar.engines import models
+    from sidecar.engines.base import Params
+    from sidecar.engines.transformers import TransformersEngine
+
+    real = models.resolve("builtin:smollm2-135m-instruct")
+    for item in real.iterdir():
+        os.symlink(item, tmp_path / item.name)
+    (tmp_path / "config.json").unlink()
+    config = json.loads((real / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "sliding_window": 4096}))
+    engine = TransformersEngine(max_batch_size=8, max_queue=4, max_seq_len=256, stall_s=30,
+                                load_wait_s=30)
+    await engine.load(str(tmp_path))
+    try:
+        assert engine.describe()["max_batch_size"] == 1
+        ids = engine.encode_prompt(engine.render_chat(QUESTION))
+        jobs = [await engine.submit(ids, Params(max_tokens=6, temperature=0), wait=True)
+                for _ in range(2)]
+        texts = [("".join([d.text async for d in job.deltas() if d is not None])) for job in jobs]
+        assert texts[0] == texts[1] and texts[0]
+    finally:
+        await engine.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import os
 import secrets
 import threading
@@ -22,6 +23,8 @@ from sidecar.engines.batch import KVBatch
 from sidecar.engines.prompt import Prompting, eos_ids
 from sidecar.engines.sampling import next_token
 from sidecar.engines.text import Detokenizer
+
+log = logging.getLogger("sidecar.engine")
 
 
 def check_available() -> None:
@@ -82,6 +85,7 @@ class TransformersEngine(ThreadedEngine):
         self._loaded: _Loaded | None = None
         self._batch = KVBatch()  # worker thread only
         self._configured_seq_len = self.max_seq_len
+        self._configured_batch = self.max_batch_size
 
     # -- loading (in a thread) ---------------------------------------------------------
 
@@ -105,6 +109,17 @@ class TransformersEngine(ThreadedEngine):
         limit = getattr(config, "max_position_embeddings", None) or self._configured_seq_len
         self.max_seq_len = min(self._configured_seq_len, int(limit))
         self.vocab_size = int(config.vocab_size)
+        layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
+        if layer_types != {"full_attention"} or getattr(config, "sliding_window", None):
+            # The batch rebuilds caches as plain full-attention ones: a model with sliding
+            # windows (or other layer kinds) keeps its own cache and runs one sequence at a
+            # time.
+            log.warning("local model generates one sequence at a time", extra={"fields": {
+                "model": model, "layer_types": sorted(layer_types),
+                "sliding_window": getattr(config, "sliding_window", None)}})
+            self.max_batch_size = 1
+        else:
+            self.max_batch_size = self._configured_batch
         names = inspect.signature(network.forward).parameters
         self._loaded = _Loaded(
             model=network,
