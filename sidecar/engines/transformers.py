@@ -96,8 +96,9 @@ class TransformersEngine(ThreadedEngine):
         from transformers import AutoModelForCausalLM
 
         quiet_transformers()
-        # Matrix kernels on every core but one: the event loop keeps a core to itself (on a
-        # small CPU model more threads barely help: 56 ms a token with one or two here).
+        # Matrix kernels on every core but one: the event loop keeps a core to itself, which
+        # kept proxied requests' latency beside generation here (float32 ran 56 ms a token
+        # with one thread or two; bfloat16 does gain from a second one, 33 against 49 ms).
         torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
         path = models.resolve(model)
         if self.dtype == "auto":
