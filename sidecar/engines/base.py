@@ -21,6 +21,7 @@ from collections.abc import AsyncGenerator, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from sidecar.engines.prompt import Prompting
 from sidecar.errors import InvalidRequest, SidecarError, Spillable, UpstreamError
 
 log = logging.getLogger("sidecar.engine")
@@ -103,10 +104,6 @@ class Job:
         self.done = False
         self.native: Any = None  # the engine's own state for this job (worker thread only)
 
-    @property
-    def prompt_tokens(self) -> int:
-        return len(self.prompt_ids)
-
     def cancel(self) -> None:
         """Stop generating: the worker drops the job before its next token."""
         if not self.done:
@@ -185,6 +182,8 @@ class ThreadedEngine:
         self.load_error = ""
         self.loaded_at = 0.0
         self.stats = Stats()
+        # The loaded model's template and tokenizer, used on the event loop; set by a load.
+        self.prompting: Prompting | None = None
         self._ready = asyncio.Event()
         self._switch = asyncio.Lock()
         self._inbox: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
@@ -205,10 +204,16 @@ class ThreadedEngine:
 
     def encode_prompt(self, text: str) -> list[int]:
         """Token ids of a rendered prompt (special tokens in the text are honoured)."""
-        raise NotImplementedError
+        return self._prompting().encode(text)
 
     def render_chat(self, messages: list[dict[str, Any]]) -> str:
-        raise NotImplementedError
+        return self._prompting().render_chat(messages)
+
+    def _prompting(self) -> Prompting:
+        prompting = self.prompting
+        if prompting is None:
+            raise EngineNotReady("No local model is loaded.", headers={"Retry-After": "5"})
+        return prompting
 
     async def submit(self, prompt_ids: list[int], params: Params, *, wait: bool) -> Job:
         """Queue a generation. Refuses at once what cannot run: a prompt too long for the

@@ -23,6 +23,13 @@ def cache_layers(cache: Any) -> list[tuple[Any, Any]]:
     return list(zip(cache.key_cache, cache.value_cache, strict=True))
 
 
+def output_cache(out: Any) -> Any:
+    """The updated KV cache of a forward pass: `cache` in newer transformers,
+    `past_key_values` before."""
+    cache = out.get("cache")
+    return cache if cache is not None else out.get("past_key_values")
+
+
 def new_cache(layers: Iterable[tuple[Any, Any]]) -> Any:
     from transformers import DynamicCache
 
@@ -96,10 +103,7 @@ class KVBatch:
         out = model(input_ids=torch.tensor(tokens).unsqueeze(1), attention_mask=mask,
                     position_ids=positions, use_cache=True, logits_to_keep=1,
                     **{cache_arg: self._cache})
-        cache = out.get("cache")
-        if cache is None:
-            cache = out.get("past_key_values")
-        self._cache = cache
+        self._cache = output_cache(out)
         self._mask = mask
         return out.logits[:, -1]
 

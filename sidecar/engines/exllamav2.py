@@ -192,10 +192,12 @@ class ExLlamaV2Engine(ThreadedEngine):
         self.max_seq_len = runtime.max_seq_len
         self.max_batch_size = runtime.max_batch_size
         self.vocab_size = runtime.vocab_size
+        self.prompting = runtime.prompting
         self._runtime = runtime
 
     def _unload(self) -> None:
         runtime, self._runtime = self._runtime, None
+        self.prompting = None
         if runtime is None or self._loader is not None:
             return
         import gc
@@ -211,12 +213,6 @@ class ExLlamaV2Engine(ThreadedEngine):
         if runtime is None:
             raise EngineNotReady("No local model is loaded.", headers={"Retry-After": "5"})
         return runtime
-
-    def render_chat(self, messages: list[dict[str, Any]]) -> str:
-        return self._require().prompting.render_chat(messages)
-
-    def encode_prompt(self, text: str) -> list[int]:
-        return self._require().prompting.encode(text)
 
     # -- the worker's side -------------------------------------------------------------
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from sidecar.engines import models
 from sidecar.engines.base import Delta, EngineNotReady, EngineUnusable, Job, ThreadedEngine
-from sidecar.engines.batch import KVBatch
+from sidecar.engines.batch import KVBatch, output_cache
 from sidecar.engines.prompt import Prompting, eos_ids
 from sidecar.engines.sampling import next_token
 from sidecar.engines.text import Detokenizer
@@ -42,23 +42,18 @@ def check_available() -> None:
 @dataclass(slots=True)
 class _Loaded:
     model: Any
-    prompting: Prompting  # used on the event loop
     decoder: Any  # a tokenizers.Tokenizer of the worker thread's own
     eos_ids: frozenset[int]
     vocab_size: int
     cache_arg: str  # "cache" in newer transformers, "past_key_values" before
 
-    def forward(self, ids: list[list[int]], cache: Any) -> tuple[Any, Any]:
-        """Logits of the last position and the updated KV cache."""
+    def prefill(self, prompt_ids: list[int]) -> tuple[Any, Any]:
+        """One prompt's forward pass: the logits of its next token and its KV cache."""
         import torch
 
-        kwargs = {self.cache_arg: cache} if cache is not None else {}
-        out = self.model(input_ids=torch.tensor(ids), use_cache=True, logits_to_keep=1,
-                         **kwargs)
-        new_cache = out.get("cache")
-        if new_cache is None:
-            new_cache = out.get("past_key_values")
-        return out.logits[0, -1], new_cache
+        out = self.model(input_ids=torch.tensor([prompt_ids]), use_cache=True,
+                         logits_to_keep=1)
+        return out.logits[0, -1], output_cache(out)
 
 
 class _Sequence:
@@ -122,9 +117,9 @@ class TransformersEngine(ThreadedEngine):
         else:
             self.max_batch_size = self._configured_batch
         names = inspect.signature(network.forward).parameters
+        self.prompting = Prompting(path)
         self._loaded = _Loaded(
             model=network,
-            prompting=Prompting(path),
             decoder=Tokenizer.from_file(str(path / "tokenizer.json")),
             eos_ids=eos_ids(path, getattr(config, "eos_token_id", None)),
             vocab_size=int(config.vocab_size),
@@ -133,6 +128,7 @@ class TransformersEngine(ThreadedEngine):
 
     def _unload(self) -> None:
         self._loaded = None
+        self.prompting = None
         self._batch = KVBatch()
 
     def _worker_started(self) -> None:
@@ -148,12 +144,6 @@ class TransformersEngine(ThreadedEngine):
         return {**super().describe(), "dtype": self.dtype}
 
     # -- the loop's side ---------------------------------------------------------------
-
-    def render_chat(self, messages: list[dict[str, Any]]) -> str:
-        return self._require().prompting.render_chat(messages)
-
-    def encode_prompt(self, text: str) -> list[int]:
-        return self._require().prompting.encode(text)
 
     def _require(self) -> _Loaded:
         loaded = self._loaded
@@ -176,7 +166,7 @@ class TransformersEngine(ThreadedEngine):
         if params.presence_penalty or params.frequency_penalty:
             counts = torch.zeros(loaded.vocab_size)
         with torch.inference_mode():
-            logits, cache = loaded.forward([job.prompt_ids], None)
+            logits, cache = loaded.prefill(job.prompt_ids)
             token = next_token(logits, params, counts, generator)
         decoder = loaded.decoder
 
