@@ -4,6 +4,7 @@ these tests: sharing between sidecars, tenants, a dead or frozen Redis, cancella
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -100,6 +101,21 @@ def start(mock: MockUpstream, redis: RedisServer, workdir: Path) -> Sidecar:
                          env={"SIDECAR_CACHE_SECRET": SECRET})
 
 
+@contextlib.contextmanager
+def fleet(config: str, workdir: Path) -> Iterator[tuple[Sidecar, Sidecar]]:
+    """Two sidecars with one config, one Redis and the fleet's secret."""
+    env = {"SIDECAR_CACHE_SECRET": SECRET}
+    one = start_sidecar(config, workdir / "one", env=env)
+    try:
+        two = start_sidecar(config, workdir / "two", env=env)
+        try:
+            yield one, two
+        finally:
+            two.stop()
+    finally:
+        one.stop()
+
+
 def ask(sidecar: Sidecar, **body: object) -> httpx.Response:
     return httpx.post(sidecar.base_url + "/chat/completions", timeout=30,
                       json={"model": "gpt-test", "messages": USER, "temperature": 0, **body})
@@ -107,9 +123,7 @@ def ask(sidecar: Sidecar, **body: object) -> httpx.Response:
 
 def test_two_sidecars_share_answers_through_redis(
         upstream: MockUpstream, redis_server: RedisServer, tmp_path: Path) -> None:
-    one = start(upstream, redis_server, tmp_path / "one")
-    two = start(upstream, redis_server, tmp_path / "two")
-    try:
+    with fleet(redis_config(upstream, redis_server), tmp_path) as (one, two):
         assert ask(one, max_tokens=5).headers["x-sidecar-cache"] == "miss"
         deadline = time.monotonic() + 2  # the Redis write follows the response
         while not redis_server.stored() and time.monotonic() < deadline:
@@ -127,9 +141,6 @@ def test_two_sidecars_share_answers_through_redis(
         time.sleep(0.3)
         assert ask(two, max_tokens=6).headers["x-sidecar-cache"] == "hit"
         assert upstream.count() == 2
-    finally:
-        one.stop()
-        two.stop()
 
 
 def test_a_dead_redis_costs_at_most_the_timeout_and_the_cache_comes_back(
@@ -236,9 +247,7 @@ async def test_an_entry_of_another_tenant_or_a_planted_one_is_never_served(
 
 def test_a_weight_changed_on_one_sidecar_reaches_the_other_within_a_second(
         upstream: MockUpstream, redis_server: RedisServer, tmp_path: Path) -> None:
-    one = start(upstream, redis_server, tmp_path / "one")
-    two = start(upstream, redis_server, tmp_path / "two")
-    try:
+    with fleet(redis_config(upstream, redis_server), tmp_path) as (one, two):
         assert two.wait_for_log('"logger":"sidecar"', 5)
         time.sleep(0.3)  # both subscribed
         change = {"model": "gpt-test", "targets": [{"provider": "mock", "weight": 7}]}
@@ -267,18 +276,12 @@ def test_a_weight_changed_on_one_sidecar_reaches_the_other_within_a_second(
         time.sleep(0.2)
         assert httpx.get(two.url + "/admin/api/routes").json()["models"]["gpt-test"][0][
             "weight"] == 7
-    finally:
-        one.stop()
-        two.stop()
 
 
 def test_rate_limits_hold_across_sidecars_and_fall_back_to_each_one(
         upstream: MockUpstream, redis_server: RedisServer, tmp_path: Path) -> None:
     config = redis_config(upstream, redis_server) + "\n[limits]\nrequests_per_minute = 4\n"
-    env = {"SIDECAR_CACHE_SECRET": SECRET}
-    one = start_sidecar(config, tmp_path / "one", env=env)
-    two = start_sidecar(config, tmp_path / "two", env=env)
-    try:
+    with fleet(config, tmp_path) as (one, two):
         statuses = [ask(sidecar, temperature=0.5).status_code
                     for sidecar in (one, two, one, two, one, two)]
         assert statuses == [200, 200, 200, 200, 429, 429]
@@ -290,9 +293,6 @@ def test_rate_limits_hold_across_sidecars_and_fall_back_to_each_one(
         redis_server.stop()
         alone = [ask(one, temperature=0.5).status_code for _ in range(6)]
         assert alone.count(200) == 4 and set(alone) == {200, 429}
-    finally:
-        one.stop()
-        two.stop()
 
 
 def test_token_budgets_are_reserved_and_settled_in_redis(
@@ -300,9 +300,6 @@ def test_token_budgets_are_reserved_and_settled_in_redis(
     import hashlib
 
     config = redis_config(upstream, redis_server) + "\n[limits]\ntokens_per_minute = 300\n"
-    env = {"SIDECAR_CACHE_SECRET": SECRET}
-    one = start_sidecar(config, tmp_path / "one", env=env)
-    two = start_sidecar(config, tmp_path / "two", env=env)
     key = "sc:rl:tokens:" + hashlib.sha256(b"anonymous").hexdigest()[:32]
 
     def level() -> float:
@@ -310,7 +307,7 @@ def test_token_budgets_are_reserved_and_settled_in_redis(
                              capture_output=True, text=True)
         return float(out.stdout.strip())
 
-    try:
+    with fleet(config, tmp_path) as (one, two):
         # Each answer reports about a dozen tokens used; ~125 are reserved first (prompt
         # estimate + max_tokens), the rest given back once the usage is known.
         for sidecar in (one, two):
@@ -320,15 +317,10 @@ def test_token_budgets_are_reserved_and_settled_in_redis(
         assert 250 <= level() < 290
         too_big = ask(one, temperature=0.5, max_tokens=400)
         assert too_big.status_code == 429
-    finally:
-        one.stop()
-        two.stop()
 
 
 def test_identical_misses_on_two_sidecars_make_one_upstream_call(
         upstream: MockUpstream, redis_server: RedisServer, tmp_path: Path) -> None:
-    one = start(upstream, redis_server, tmp_path / "one")
-    two = start(upstream, redis_server, tmp_path / "two")
 
     async def storm() -> list[httpx.Response]:
         async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=200)
@@ -339,16 +331,13 @@ def test_identical_misses_on_two_sidecars_make_one_upstream_call(
                       "mock": {"delay_s": 0.5, "key": "fleet-storm"}})
                 for sidecar in (one, two) * 50))
 
-    try:
+    with fleet(redis_config(upstream, redis_server), tmp_path) as (one, two):
         answers = asyncio.run(storm())
         assert {a.status_code for a in answers} == {200}
         assert len({a.json()["choices"][0]["message"]["content"] for a in answers}) == 1
         assert upstream.count() == 1
         states = [a.headers["x-sidecar-cache"] for a in answers]
         assert states.count("miss") == 1 and states.count("hit") == 99
-    finally:
-        one.stop()
-        two.stop()
 
 
 @pytest.fixture
@@ -387,10 +376,7 @@ def test_a_redis_cluster_serves_the_fleet(upstream: MockUpstream,
     config = redis_config(upstream, redis_cluster[0]).replace(
         "circuit_s = 1.0", "circuit_s = 1.0\ncluster = true") + \
         "\n[limits]\nrequests_per_minute = 1000\n"
-    env = {"SIDECAR_CACHE_SECRET": SECRET}
-    one = start_sidecar(config, tmp_path / "one", env=env)
-    two = start_sidecar(config, tmp_path / "two", env=env)
-    try:
+    with fleet(config, tmp_path) as (one, two):
         for i in range(6):  # keys spread over the three nodes' slots
             assert ask(one, max_tokens=500 + i).headers["x-sidecar-cache"] == "miss"
         time.sleep(0.3)
@@ -409,9 +395,6 @@ def test_a_redis_cluster_serves_the_fleet(upstream: MockUpstream,
             time.sleep(0.02)
         assert models["gpt-test"][0]["weight"] == 4
         assert httpx.get(one.url + "/admin/api/cache").json()["redis"]["failures"] == 0
-    finally:
-        one.stop()
-        two.stop()
 
 
 def test_rediss_is_a_real_tls_handshake(upstream: MockUpstream, tmp_path: Path) -> None:
@@ -450,10 +433,7 @@ def test_rediss_is_a_real_tls_handshake(upstream: MockUpstream, tmp_path: Path) 
 def test_redis_entries_expire_with_the_ttl(upstream: MockUpstream, redis_server: RedisServer,
                                            tmp_path: Path) -> None:
     config = redis_config(upstream, redis_server).replace("[cache]\n", "[cache]\nttl_s = 1\n")
-    env = {"SIDECAR_CACHE_SECRET": SECRET}
-    one = start_sidecar(config, tmp_path / "one", env=env)
-    two = start_sidecar(config, tmp_path / "two", env=env)
-    try:
+    with fleet(config, tmp_path) as (one, two):
         assert ask(one, max_tokens=77).headers["x-sidecar-cache"] == "miss"
         time.sleep(0.2)
         [key] = redis_server.stored()
@@ -465,6 +445,3 @@ def test_redis_entries_expire_with_the_ttl(upstream: MockUpstream, redis_server:
         assert redis_server.stored() == []
         assert ask(two, max_tokens=77).headers["x-sidecar-cache"] == "miss"
         assert upstream.count() == 2
-    finally:
-        one.stop()
-        two.stop()
