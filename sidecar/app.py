@@ -13,16 +13,8 @@ import aiohttp
 from aiohttp import web
 
 from sidecar.api import admin, admin_engines, health, openai
-from sidecar.api.middleware import Guard, make_edge
-from sidecar.backends.base import Backend
-from sidecar.backends.local import LocalBackend
-from sidecar.backends.upstream_openai import OpenAIUpstream
-from sidecar.cache.memory import MemoryCache, ResponseCache
-from sidecar.cache.redis_tier import RedisTier
-from sidecar.config import LocalProviderSettings, Settings
-from sidecar.engines.factory import make_engine
-from sidecar.gateway import Gateway, Readiness
-from sidecar.keys import (
+from sidecar.api.middleware import Guard, make_middleware
+from sidecar.appkeys import (
     CACHE,
     CACHE_SECRET,
     GATEWAY,
@@ -35,6 +27,15 @@ from sidecar.keys import (
     SETTINGS,
     VERIFIER,
 )
+from sidecar.backends.base import Backend
+from sidecar.backends.local import LocalBackend
+from sidecar.backends.upstream_openai import OpenAIUpstream
+from sidecar.cache.memory import MemoryCache
+from sidecar.cache.redis_tier import RedisTier
+from sidecar.cache.response_cache import ResponseCache
+from sidecar.config import LocalProviderSettings, Settings
+from sidecar.engines.factory import make_engine
+from sidecar.gateway import Gateway, Readiness
 from sidecar.observability.logging import AccessLog, LineWriter
 from sidecar.routing.router import Router
 from sidecar.routing.shared import RouteSync
@@ -50,7 +51,7 @@ def create_app(settings: Settings, log_writer: LineWriter | None = None) -> web.
     verifier = Verifier(settings.auth) if settings.auth.mode == "jwt" else None
     limiter = Limiter(settings.limits)
     app = web.Application(
-        middlewares=[make_edge(access_log, Guard(verifier, settings.auth, limiter))],
+        middlewares=[make_middleware(access_log, Guard(verifier, settings.auth, limiter))],
         client_max_size=settings.server.max_body_bytes,
     )
     app[SETTINGS] = settings

@@ -77,6 +77,11 @@ class ProviderSettings(Struct, kw_only=True, forbid_unknown_fields=True, tag_fie
     # Connections kept to this upstream at most; 0 means no cap of our own.
     max_connections: Annotated[int, Meta(ge=0)] = 0
     headers: dict[str, str] = {}
+    # A whole JSON answer, counted after decompression as it arrives; past it the answer is
+    # a 502 and the connection is closed (a small gzip body can inflate to gigabytes).
+    max_response_bytes: Annotated[int, Meta(ge=1024)] = 64 * 1024 * 1024
+    # One event of a stream, likewise: a stream that never separates its events is cut here.
+    max_event_bytes: Annotated[int, Meta(ge=1024)] = 4 * 1024 * 1024
 
 
 class LocalProviderSettings(Struct, kw_only=True, forbid_unknown_fields=True, tag_field="kind",
@@ -116,7 +121,7 @@ AnyProvider = ProviderSettings | LocalProviderSettings
 class TargetSettings(Struct, kw_only=True, forbid_unknown_fields=True):
     provider: str
     model: str | None = None
-    weight: Annotated[float, Meta(ge=0)] = 1.0
+    weight: Annotated[float, Meta(ge=0, le=1_000_000)] = 1.0
     # Used only when every other target failed or rests.
     fallback_only: bool = False
 
@@ -141,6 +146,8 @@ class RoutingSettings(Struct, kw_only=True, forbid_unknown_fields=True):
     probe_interval_s: Annotated[float, Meta(ge=0)] = 15.0
     # Live weight changes are kept here (not in the operator's TOML) and survive a restart.
     state_file: str = "state/routes.json"
+    # The longest a target rests, whatever an upstream's Retry-After asks.
+    max_rest_s: Annotated[float, Meta(gt=0, le=86_400)] = 300.0
 
 
 Algorithm = Literal[

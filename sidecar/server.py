@@ -12,7 +12,7 @@ from aiohttp import web
 from sidecar.app import create_app
 from sidecar.config import Settings
 from sidecar.observability.logging import LineWriter
-from sidecar.security.edge import EdgeRunner, c_parser_in_use
+from sidecar.security.connections import EdgeRunner, c_parser_in_use
 from sidecar.security.tls import reload_certificate, server_context
 
 log = logging.getLogger("sidecar")

@@ -11,8 +11,8 @@ from blockbuster import BlockBuster
 
 from sidecar import config
 from sidecar.app import create_app
-from tests.conftest import UPSTREAM_KEY, base_config
-from tests.upstream_mock import MockUpstream
+from tests.support.sidecar import UPSTREAM_KEY, base_config
+from tests.support.upstream_mock import MockUpstream
 
 USER = [{"role": "user", "content": "hi"}]
 

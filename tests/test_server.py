@@ -10,8 +10,8 @@ from pathlib import Path
 
 import httpx
 
-from tests.conftest import ROOT, Sidecar
-from tests.upstream_mock import MockUpstream
+from tests.support.sidecar import ROOT, Sidecar
+from tests.support.upstream_mock import MockUpstream
 
 
 def test_sigterm_lets_a_stream_in_flight_finish_then_exits_zero(

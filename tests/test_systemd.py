@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from sidecar.engines import models
-from tests.conftest import ROOT, start_sidecar
+from tests.support.sidecar import ROOT, start_sidecar
 
 UNIT = ROOT / "systemd" / "llm-sidecar.service"
 

@@ -9,8 +9,8 @@ import orjson
 from aiohttp import web
 
 from sidecar.api.http import JSON
+from sidecar.appkeys import CACHE, CONTEXT, GATEWAY, ROUTE_STATE, ROUTE_SYNC
 from sidecar.errors import InvalidRequest
-from sidecar.keys import CACHE, CONTEXT, GATEWAY, ROUTE_STATE, ROUTE_SYNC
 
 routes = web.RouteTableDef()
 audit = logging.getLogger("sidecar.audit")

@@ -10,11 +10,11 @@ import orjson
 from aiohttp import web
 
 from sidecar.api.http import JSON
+from sidecar.appkeys import CONTEXT, GATEWAY
 from sidecar.backends.local import LocalBackend
 from sidecar.engines import models
 from sidecar.engines.base import EngineUnusable
 from sidecar.errors import InvalidRequest, ModelNotFound, SidecarError
-from sidecar.keys import CONTEXT, GATEWAY
 
 routes = web.RouteTableDef()
 audit = logging.getLogger("sidecar.audit")

@@ -7,8 +7,8 @@ from aiohttp import web
 
 from sidecar.api.admin_engines import local_backends
 from sidecar.api.http import JSON
+from sidecar.appkeys import READINESS, VERIFIER
 from sidecar.engines.base import ThreadedEngine
-from sidecar.keys import READINESS, VERIFIER
 
 routes = web.RouteTableDef()
 

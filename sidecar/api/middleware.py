@@ -12,6 +12,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from sidecar.api.http import error_response
+from sidecar.appkeys import CONTEXT, SETTINGS
 from sidecar.config import AuthSettings
 from sidecar.errors import (
     MethodNotAllowed,
@@ -19,7 +20,6 @@ from sidecar.errors import (
     RouteNotFound,
     SidecarError,
 )
-from sidecar.keys import CONTEXT, SETTINGS
 from sidecar.observability.logging import AccessLog, process_tag
 from sidecar.observability.timing import RequestContext, Timing
 from sidecar.security.jwt import ANONYMOUS, Forbidden, Unauthorized, Verifier
@@ -29,7 +29,7 @@ log = logging.getLogger("sidecar")
 _CLIENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
-def make_edge(access_log: AccessLog, guard: Guard) -> Middleware:
+def make_middleware(access_log: AccessLog, guard: Guard) -> Middleware:
     # Ids are a per-process random tag and a counter: unique across a fleet, and cheap.
     prefix = f"req_{process_tag()}"
     counter = itertools.count(1)

@@ -13,12 +13,12 @@ import orjson
 from aiohttp import web
 
 from sidecar.api.http import JSON, json_bytes
+from sidecar.appkeys import CACHE, CACHE_SECRET, CONTEXT, GATEWAY, LIMITER, SETTINGS
 from sidecar.backends.base import Call
-from sidecar.cache.memory import ResponseCache, cache_key, deterministic
 from sidecar.cache.records import Record, as_chunks, as_json
+from sidecar.cache.response_cache import ResponseCache, cache_key, deterministic
 from sidecar.errors import ModelNotFound, RequestTimeout, SidecarError, Spillable
 from sidecar.gateway import Gateway
-from sidecar.keys import CACHE, CACHE_SECRET, CONTEXT, GATEWAY, LIMITER, SETTINGS
 from sidecar.observability.timing import Timing
 from sidecar.protocol.requests import (
     ChatCompletionRequest,

@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from tests.auth_helpers import (
+from tests.support.auth_helpers import (
     AUDIENCE,
     ISSUER,
     Issuer,
@@ -21,8 +21,8 @@ from tests.auth_helpers import (
     make_issuer,
     unsigned_token,
 )
-from tests.conftest import Sidecar, base_config, start_sidecar
-from tests.upstream_mock import MockUpstream
+from tests.support.sidecar import Sidecar, base_config, start_sidecar
+from tests.support.upstream_mock import MockUpstream
 
 USER = [{"role": "user", "content": "hi"}]
 
@@ -172,7 +172,7 @@ def test_token_minted_by_the_cli_is_accepted(secured: Sidecar, issuer: Issuer,
     import subprocess
     import sys
 
-    from tests.conftest import ROOT
+    from tests.support.sidecar import ROOT
 
     key = tmp_path / "issuer-key.pem"
     key.write_bytes(issuer.private_pem)

@@ -15,9 +15,9 @@ import httpx
 import pytest
 
 from sidecar.routing.table import Route, Target
-from tests.auth_helpers import Issuer, jwt_config, make_issuer
-from tests.conftest import ROOT, Sidecar, base_config, closed_port, start_sidecar
-from tests.upstream_mock import MockUpstream
+from tests.support.auth_helpers import Issuer, jwt_config, make_issuer
+from tests.support.sidecar import ROOT, Sidecar, base_config, closed_port, start_sidecar
+from tests.support.upstream_mock import MockUpstream
 
 USER = [{"role": "user", "content": "hi"}]
 

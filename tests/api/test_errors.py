@@ -6,8 +6,8 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import Sidecar
-from tests.upstream_mock import MockUpstream
+from tests.support.sidecar import Sidecar
+from tests.support.upstream_mock import MockUpstream
 
 USER = [{"role": "user", "content": "hi"}]
 

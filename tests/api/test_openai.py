@@ -8,8 +8,8 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import UPSTREAM_KEY, Sidecar
-from tests.upstream_mock import MockUpstream
+from tests.support.sidecar import UPSTREAM_KEY, Sidecar
+from tests.support.upstream_mock import MockUpstream
 
 USER = [{"role": "user", "content": "hi there"}]
 

@@ -17,8 +17,8 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import ROOT, Sidecar, base_config, start_sidecar
-from tests.upstream_mock import MockUpstream
+from tests.support.sidecar import ROOT, Sidecar, base_config, start_sidecar
+from tests.support.upstream_mock import MockUpstream
 
 USER = [{"role": "user", "content": "hi"}]
 

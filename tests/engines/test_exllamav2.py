@@ -17,7 +17,7 @@ from blockbuster import BlockBuster
 from sidecar.engines import models
 from sidecar.engines.base import ContextLengthExceeded, EngineBusy, EngineFailure, Params
 from sidecar.engines.exllamav2 import ExLlamaV2Engine, sampler_settings
-from tests.exllamav2_standin import EOS, Generator, Job, Settings, standin_loader
+from tests.support.exllamav2_standin import EOS, Generator, Job, Settings, standin_loader
 
 
 @pytest.fixture(scope="session")

@@ -12,9 +12,9 @@ import httpx
 import openai
 import pytest
 
-from tests.auth_helpers import jwt_config, make_issuer
-from tests.conftest import Sidecar, base_config, start_sidecar
-from tests.upstream_mock import MockUpstream
+from tests.support.auth_helpers import jwt_config, make_issuer
+from tests.support.sidecar import Sidecar, base_config, start_sidecar
+from tests.support.upstream_mock import MockUpstream
 
 USER = [{"role": "user", "content": "hi"}]
 CACHE = "[cache]\nenabled = true\nttl_s = {ttl}\ncache_when = \"{when}\"\n"

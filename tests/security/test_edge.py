@@ -13,9 +13,9 @@ import httpx
 import orjson
 import pytest
 
-from sidecar.security.edge import c_parser_in_use
-from tests.conftest import Sidecar, base_config, start_sidecar
-from tests.upstream_mock import MockUpstream
+from sidecar.security.connections import c_parser_in_use
+from tests.support.sidecar import Sidecar, base_config, start_sidecar
+from tests.support.upstream_mock import MockUpstream
 
 USER = [{"role": "user", "content": "hi"}]
 EDGE = """header_timeout_s = 1

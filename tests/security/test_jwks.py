@@ -9,10 +9,10 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.auth_helpers import Issuer, jwt_config, make_issuer
-from tests.conftest import Sidecar, base_config, start_sidecar
-from tests.jwks_server import JwksServer
-from tests.upstream_mock import MockUpstream
+from tests.support.auth_helpers import Issuer, jwt_config, make_issuer
+from tests.support.jwks_server import JwksServer
+from tests.support.sidecar import Sidecar, base_config, start_sidecar
+from tests.support.upstream_mock import MockUpstream
 
 USER = [{"role": "user", "content": "hi"}]
 

@@ -14,8 +14,8 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import Sidecar, base_config, start_sidecar
-from tests.upstream_mock import MockUpstream
+from tests.support.sidecar import Sidecar, base_config, start_sidecar
+from tests.support.upstream_mock import MockUpstream
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 LONG_ANSWER = [{"role": "user", "content": "Write a long story about a dragon and a knight."}]

@@ -18,11 +18,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from sidecar.cache.memory import MemoryCache, ResponseCache
+from sidecar.cache.memory import MemoryCache
 from sidecar.cache.records import Record
 from sidecar.cache.redis_tier import RedisTier
-from tests.conftest import Sidecar, base_config, closed_port, start_sidecar
-from tests.upstream_mock import MockUpstream
+from sidecar.cache.response_cache import ResponseCache
+from tests.support.sidecar import Sidecar, base_config, closed_port, start_sidecar
+from tests.support.upstream_mock import MockUpstream
 
 SECRET = "fleet-cache-secret-0123456789abcdef"
 USER = [{"role": "user", "content": "hi"}]

@@ -28,7 +28,7 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
-from tests.loopback import ThreadedServer
+from tests.support.loopback import ThreadedServer
 
 MOCK_KEY = web.RequestKey("mock_key", str)
 

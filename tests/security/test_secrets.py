@@ -8,9 +8,9 @@ from pathlib import Path
 
 import httpx
 
-from tests.auth_helpers import jwt_config, make_issuer
-from tests.conftest import UPSTREAM_KEY, base_config, start_sidecar
-from tests.upstream_mock import MockUpstream
+from tests.support.auth_helpers import jwt_config, make_issuer
+from tests.support.sidecar import UPSTREAM_KEY, base_config, start_sidecar
+from tests.support.upstream_mock import MockUpstream
 
 USER = [{"role": "user", "content": "hi"}]
 

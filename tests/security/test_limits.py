@@ -12,9 +12,9 @@ import openai
 import pytest
 
 from sidecar.security.limits import Budget
-from tests.auth_helpers import Issuer, jwt_config, make_issuer
-from tests.conftest import base_config, start_sidecar
-from tests.upstream_mock import MockUpstream
+from tests.support.auth_helpers import Issuer, jwt_config, make_issuer
+from tests.support.sidecar import base_config, start_sidecar
+from tests.support.upstream_mock import MockUpstream
 
 USER = [{"role": "user", "content": "hi"}]
 

@@ -11,8 +11,8 @@ if TYPE_CHECKING:
     from sidecar.gateway import Gateway, Readiness
     from sidecar.routing.shared import RouteSync
 
-from sidecar.cache.memory import ResponseCache
 from sidecar.cache.redis_tier import RedisTier
+from sidecar.cache.response_cache import ResponseCache
 from sidecar.config import Settings
 from sidecar.observability.timing import RequestContext
 from sidecar.routing.state import RouteState

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from tests.loopback import ThreadedServer
+from tests.support.loopback import ThreadedServer
 
 
 class JwksServer(ThreadedServer):
