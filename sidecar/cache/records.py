@@ -1,5 +1,9 @@
 """What the cache keeps: a JSON answer or a recorded stream, with the tenant it belongs to, and
-the conversions that let a stream answer a JSON request and the other way round."""
+the conversions that let a stream answer a JSON request and the other way round.
+
+Only a stream that ended well is worth keeping (`whole_stream`); a record is checked again
+before it is replayed or rebuilt, so a bad one (another version's, or one that slipped in)
+is a miss, never an error."""
 
 from __future__ import annotations
 
@@ -34,13 +38,57 @@ class Record:
             return None  # not ours, or from another version: a miss
 
 
+def whole_stream(chunks: list[bytes]) -> bool:
+    """True when the recorded events are a stream that ended well: each one a JSON object,
+    none of them an error event, and every choice given a `finish_reason`."""
+    parsed = _objects(chunks)
+    if not parsed:
+        return False
+    finished: dict[object, bool] = {}
+    for chunk in parsed:
+        if chunk.get("error") is not None:
+            return False  # an upstream's mid-stream error, passed on as an event
+        choices = chunk.get("choices")
+        if choices is None:
+            continue
+        if not isinstance(choices, list):
+            return False
+        for choice in choices:
+            if not isinstance(choice, dict):
+                return False
+            index = choice.get("index", 0)
+            finished[index] = finished.get(index, False) or bool(choice.get("finish_reason"))
+    return bool(finished) and all(finished.values())
+
+
+def servable(record: Record) -> bool:
+    """True when the record can be served: a JSON object, or a whole stream."""
+    if record.kind == "stream":
+        return whole_stream(record.chunks)
+    return record.kind == "json" and len(_objects([record.body])) == 1
+
+
+def _objects(raw: list[bytes]) -> list[dict[str, Any]]:
+    """Each item parsed as a JSON object; empty when any one is not."""
+    parsed = []
+    for item in raw:
+        try:
+            value = orjson.loads(item)
+        except orjson.JSONDecodeError:
+            return []
+        if not isinstance(value, dict):
+            return []
+        parsed.append(value)
+    return parsed
+
+
 def as_json(record: Record) -> bytes | None:
     """The JSON answer, rebuilt from a stream when need be (one text choice only)."""
+    if not servable(record):
+        return None
     if record.kind == "json":
         return record.body
-    chunks = [orjson.loads(c) for c in record.chunks]
-    if not chunks:
-        return None
+    chunks = _objects(record.chunks)
     first = chunks[0]
     chat = first.get("object") == "chat.completion.chunk"
     text: list[str] = []
@@ -53,11 +101,16 @@ def as_json(record: Record) -> bytes | None:
                 return None
             if chat:
                 delta = choice.get("delta") or {}
+                if not isinstance(delta, dict):
+                    return None
                 if delta.get("tool_calls") or delta.get("function_call"):
                     return None
-                text.append(delta.get("content") or "")
+                piece = delta.get("content") or ""
             else:
-                text.append(choice.get("text") or "")
+                piece = choice.get("text") or ""
+            if not isinstance(piece, str):
+                return None
+            text.append(piece)
             finish = choice.get("finish_reason") or finish
     if chat:
         answer: dict[str, Any] = {
@@ -78,14 +131,15 @@ def as_json(record: Record) -> bytes | None:
 def as_chunks(record: Record, include_usage: bool) -> list[bytes] | None:
     """The stream to replay, with a fresh `id` and `created`; built from a JSON answer when
     need be (one text choice only)."""
+    if not servable(record):
+        return None
     chat_id = ("chatcmpl-" if _is_chat(record) else "cmpl-") + uuid.uuid4().hex[:24]
     created = int(time.time())
     if record.kind == "stream":
         if include_usage and not any(b'"usage":{' in c for c in record.chunks):
             return None  # recorded without usage: a miss, so the client gets its usage
         out = []
-        for raw in record.chunks:
-            chunk = orjson.loads(raw)
+        for chunk in _objects(record.chunks):
             if chunk.get("usage") and not chunk.get("choices"):
                 if include_usage:
                     out.append(orjson.dumps({**chunk, "id": chat_id, "created": created}))
@@ -98,8 +152,8 @@ def as_chunks(record: Record, include_usage: bool) -> list[bytes] | None:
             out.append(orjson.dumps(chunk))
         return out
     whole = orjson.loads(record.body)
-    choices = whole.get("choices") or []
-    if len(choices) != 1:
+    choices = whole.get("choices")
+    if not isinstance(choices, list) or len(choices) != 1 or not isinstance(choices[0], dict):
         return None
     choice = choices[0]
     head: dict[str, Any] = {"id": chat_id, "created": created, "model": whole.get("model")}
@@ -110,6 +164,8 @@ def as_chunks(record: Record, include_usage: bool) -> list[bytes] | None:
     finish = choice.get("finish_reason")
     if "message" in choice:
         message = choice["message"] or {}
+        if not isinstance(message, dict):
+            return None
         if message.get("tool_calls") or message.get("function_call"):
             return None
         head["object"] = "chat.completion.chunk"

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from sidecar.cache.memory import MemoryCache
-from sidecar.cache.records import Record, as_json
+from sidecar.cache.records import Record, as_json, servable
 
 if TYPE_CHECKING:
     from sidecar.cache.redis_tier import RedisTier
@@ -84,11 +84,17 @@ class ResponseCache:
         record = self._open(key, await self.shared.get(key))
         if record is None or record.tenant != tenant:
             return None  # the key binds the tenant; the stored owner is checked all the same
+        if not servable(record):
+            return None  # kept by a version that stored broken streams: a miss
         self.memory.put(key, tenant, record)
         return record
 
     def put(self, key: str, record: Record) -> None:
-        """Keep an answer; the Redis write goes on after the response, off its path."""
+        """Keep an answer, unless it is not one that can be served again (a stream that
+        broke, carried an error event or never finished); the Redis write goes on after the
+        response, off its path."""
+        if not servable(record):
+            return
         self.memory.put(key, record.tenant, record)
         if self.shared is not None:
             self.shared.spawn(self.shared.set(key, self._seal(key, record), self._ttl))
@@ -115,8 +121,8 @@ class ResponseCache:
                     return answer
             try:
                 answer = await fetch()
-                if held:
-                    record = Record(tenant, "json", answer)
+                record = Record(tenant, "json", answer)
+                if held and servable(record):
                     self.memory.put(key, tenant, record)
                     await shared.set(key, self._seal(key, record), self._ttl)
                 return answer

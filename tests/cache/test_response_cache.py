@@ -13,6 +13,7 @@ import openai
 import pytest
 
 from tests.support.auth_helpers import jwt_config, make_issuer
+from tests.support.scripted_upstream import ScriptedUpstream, chat_chunk
 from tests.support.sidecar import Sidecar, base_config, start_sidecar
 from tests.support.upstream_mock import MockUpstream
 
@@ -114,11 +115,82 @@ def test_a_stream_answers_a_json_request_and_the_other_way_round(
 
 
 def test_a_stream_that_broke_is_not_stored(cached: Sidecar, upstream: MockUpstream) -> None:
+    # The identical request twice: had the first been stored, the second would replay it.
     broken = {"chunks": 6, "reset_after": 2, "key": "broken-stream"}
-    with pytest.raises(openai.APIError):
-        stream_text(cached, temperature=0, extra_body={"mock": broken})
-    stream_text(cached, temperature=0, extra_body={"mock": {"chunks": 6}})
+    for _ in range(2):
+        with pytest.raises(openai.APIError):
+            stream_text(cached, temperature=0, extra_body={"mock": broken})
     assert upstream.count() == 2
+
+
+@pytest.fixture(scope="module")
+def scripted() -> Iterator[ScriptedUpstream]:
+    server = ScriptedUpstream()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def scripted_cached(mock_upstream: MockUpstream, scripted: ScriptedUpstream,
+                    tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sidecar]:
+    extra = CACHE.format(ttl=60, when="deterministic") + f"""
+[providers.scripted]
+kind = "openai"
+base_url = "{scripted.base_url}"
+
+[models."scripted"]
+targets = [ {{ provider = "scripted" }} ]
+"""
+    instance = start_sidecar(base_config(mock_upstream, extra=extra),
+                             tmp_path_factory.mktemp("scripted"))
+    yield instance
+    instance.stop()
+
+
+def stream_script(sidecar: Sidecar, script: list[str]) -> tuple[str, bytes]:
+    """The cache state and the raw bytes of a streamed answer to the scripted model."""
+    with httpx.stream("POST", sidecar.base_url + "/chat/completions", timeout=30, json={
+            "model": "scripted", "messages": USER, "temperature": 0, "stream": True,
+            "script": script}) as stream:
+        return stream.headers["x-sidecar-cache"], b"".join(stream.iter_raw())
+
+
+START = chat_chunk("Hel")
+BROKEN_STREAMS = {
+    "error_event": [START, '{"error": {"message": "overloaded", "type": "server_error"}}'],
+    "data_not_json": [START, "not json", chat_chunk(finish="stop")],
+    "data_not_an_object": [START, "[1, 2]", chat_chunk(finish="stop")],
+    "choices_not_a_list": [START, '{"choices": "x"}', chat_chunk(finish="stop")],
+    "no_finish_reason": [START, chat_chunk("lo")],
+}
+
+
+@pytest.mark.parametrize("name", list(BROKEN_STREAMS))
+def test_a_stream_that_did_not_end_well_is_not_stored(scripted_cached: Sidecar,
+                                                      scripted: ScriptedUpstream,
+                                                      name: str) -> None:
+    before = scripted.calls
+    for _ in range(2):
+        state, raw = stream_script(scripted_cached, BROKEN_STREAMS[name])
+        assert state == "miss"
+        assert raw.endswith(b"data: [DONE]\n\n")  # passed on as the upstream sent it
+    assert scripted.calls == before + 2
+    # Nor does it answer the same request asked for as JSON.
+    reply = httpx.post(scripted_cached.base_url + "/chat/completions", timeout=30, json={
+        "model": "scripted", "messages": USER, "temperature": 0,
+        "script": BROKEN_STREAMS[name]})
+    assert reply.headers.get("x-sidecar-cache") != "hit"
+
+
+def test_a_stream_that_ended_well_is_stored(scripted_cached: Sidecar,
+                                            scripted: ScriptedUpstream) -> None:
+    before = scripted.calls
+    script = [START, chat_chunk("lo"), chat_chunk(finish="stop")]
+    assert stream_script(scripted_cached, script)[0] == "miss"
+    state, raw = stream_script(scripted_cached, script)
+    assert state == "hit" and b'"content":"lo"' in raw
+    assert scripted.calls == before + 1
 
 
 def test_any_field_that_can_change_the_answer_changes_the_key(cached: Sidecar,

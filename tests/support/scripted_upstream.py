@@ -1,0 +1,48 @@
+"""An OpenAI-compatible upstream on loopback that streams exactly the events a test scripts,
+for answers the mock upstream never gives: an error event, data that is not JSON or not an
+object, a stream that says [DONE] without a finish_reason.
+
+The request body's `script` is a list of strings, each sent as one event's `data`, then
+`[DONE]`."""
+
+from __future__ import annotations
+
+import orjson
+from aiohttp import web
+
+from tests.support.loopback import ThreadedServer
+
+
+class ScriptedUpstream(ThreadedServer):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def start(self) -> None:  # type: ignore[override]
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._chat)
+        super().start(app)
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        body = orjson.loads(await request.read())
+        self.calls += 1
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for data in body["script"]:
+            await response.write(b"data: " + str(data).encode() + b"\n\n")
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+
+def chat_chunk(content: str | None = None, finish: str | None = None) -> str:
+    """One chat.completion.chunk event as an upstream sends it."""
+    delta = {} if content is None else {"content": content}
+    return orjson.dumps({
+        "id": "chatcmpl-scripted", "object": "chat.completion.chunk", "created": 1,
+        "model": "scripted", "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                          "finish_reason": finish}]}).decode()
