@@ -25,9 +25,15 @@ class RedisTier:
         import redis.asyncio as aioredis
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
+        from redis.exceptions import ConnectionError as RedisConnectionError
 
         # No retries of its own: the deadline is the whole budget, then the request goes on.
         no_retry = Retry(NoBackoff(), 0)
+        # Except once, at once, on a connection the server closed: after a Redis restart every
+        # pooled connection is stale, and each would fail its first command and open the
+        # circuit although Redis is back. The retry reconnects that connection first; a Redis
+        # that is really away refuses the connect just as fast, and the deadline still holds.
+        reconnect_once = Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
         if cluster:
             # Each key (and each script's one key) lives on the node its slot says.
             self._client: Any = aioredis.RedisCluster.from_url(
@@ -38,7 +44,8 @@ class RedisTier:
             # of failing with "too many connections" and opening the circuit.
             pool = aioredis.BlockingConnectionPool.from_url(
                 url, max_connections=64, timeout=timeout_s, socket_timeout=timeout_s,
-                socket_connect_timeout=timeout_s, health_check_interval=0)
+                socket_connect_timeout=timeout_s, health_check_interval=0,
+                retry=reconnect_once)
             self._client = aioredis.Redis(connection_pool=pool, retry=no_retry)
         self._timeout = timeout_s
         self._circuit_s = circuit_s

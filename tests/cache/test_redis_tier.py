@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import json
 import os
 import random
@@ -446,3 +448,42 @@ def test_redis_entries_expire_with_the_ttl(upstream: MockUpstream, redis_server:
         assert redis_server.stored() == []
         assert ask(two, max_tokens=77).headers["x-sidecar-cache"] == "miss"
         assert upstream.count() == 2
+
+
+async def test_the_cache_comes_back_at_once_after_a_redis_restart(
+        redis_server: RedisServer) -> None:
+    # A circuit far longer than the test: any failure on a stale connection would show.
+    tier = RedisTier(redis_server.url, timeout_s=1.0, circuit_s=60.0)
+    try:
+        # Fill the pool with connections that all go stale when the server restarts.
+        await asyncio.gather(*(tier.set(f"k{i}", b"v", 60) for i in range(32)))
+        await asyncio.to_thread(redis_server.stop)
+        await asyncio.to_thread(redis_server.start)
+        # A burst on the pooled connections, as the first requests after a restart make.
+        await asyncio.gather(*(tier.set(f"n{i}", b"fresh", 60) for i in range(32)))
+        assert tier.failures == 0, tier.last_error
+        assert tier.healthy
+        assert await tier.get("n31") == b"fresh"
+    finally:
+        await tier.close()
+
+
+async def test_a_kept_stream_that_did_not_end_well_is_neither_stored_nor_served(
+        redis_server: RedisServer) -> None:
+    tier = RedisTier(redis_server.url, timeout_s=1.0, circuit_s=1.0)
+    cache = ResponseCache(MemoryCache(16, 60), 60, tier, secret=SECRET.encode())
+    unfinished = Record("tenant-a", "stream", chunks=[
+        b'{"object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"x"},'
+        b'"finish_reason":null}]}'])
+    try:
+        cache.put("key", unfinished)
+        await asyncio.sleep(0.1)  # a Redis write would have followed
+        assert redis_server.stored() == []
+        # As a version that stored broken streams kept it: signed with the fleet's secret.
+        body = unfinished.encode()
+        mac = hmac.new(SECRET.encode(), b"record\0key\0" + body, hashlib.sha256).hexdigest()
+        await tier.set("key", mac.encode() + b"." + body, 60)
+        assert await cache.get("key", "tenant-a") is None
+        assert cache.counts["forged"] == 0  # genuine, but not servable
+    finally:
+        await tier.close()
