@@ -104,6 +104,26 @@ def test_expired_beyond_leeway_is_refused_within_leeway_accepted(secured: Sideca
     assert call(secured, issuer.token(exp=now - 10, iat=now - 600)).status_code == 200
 
 
+def test_a_token_accepted_once_is_refused_after_its_exp(mock_upstream: MockUpstream,
+                                                         issuer: Issuer, tmp_path: Path) -> None:
+    # Leeway 0, so the token's own `exp` is the deadline; the first answer puts it in the
+    # verified-token cache, which must not outlive it.
+    config = base_config(mock_upstream) + jwt_config(
+        f'public_key_file = "{issuer.public_path}"', leeway=0)
+    sidecar = start_sidecar(config, tmp_path)
+    try:
+        exp = int(time.time()) + 2
+        token = issuer.token(exp=exp)
+        assert call(sidecar, token).status_code == 200
+        assert call(sidecar, token).status_code == 200  # from the cache
+        time.sleep(max(0.0, exp - time.time()) + 1.1)
+        response = call(sidecar, token)
+        assert_401(response, "expired")
+        assert response.json()["error"]["code"] == "token_expired"
+    finally:
+        sidecar.stop()
+
+
 @pytest.mark.parametrize(("claims", "words"), [
     ({"aud": "someone-else"}, "audience"),
     ({"iss": "https://evil.test/"}, "issuer"),
