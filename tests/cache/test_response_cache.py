@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from tests.support.auth_helpers import jwt_config, make_issuer
+from tests.support.auth_helpers import Issuer, jwt_config, make_issuer
 from tests.support.scripted_upstream import ScriptedUpstream, chat_chunk
 from tests.support.sidecar import Sidecar, base_config, start_sidecar
 from tests.support.upstream_mock import MockUpstream
@@ -278,6 +279,63 @@ def test_two_tenants_never_share_an_entry(mock_upstream: MockUpstream, upstream:
         assert upstream.count() == 2
     finally:
         sidecar.stop()
+
+
+@pytest.fixture(scope="module")
+def tenants_cached(mock_upstream: MockUpstream, scripted: ScriptedUpstream,
+                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Sidecar, Issuer]]:
+    workdir = tmp_path_factory.mktemp("tenants")
+    issuer = make_issuer(workdir / "issuer")
+    extra = CACHE.format(ttl=60, when="deterministic") + f"""
+[providers.scripted]
+kind = "openai"
+base_url = "{scripted.base_url}"
+
+[models."scripted"]
+targets = [ {{ provider = "scripted" }} ]
+"""
+    config = base_config(mock_upstream, extra=extra) + jwt_config(
+        f'public_key_file = "{issuer.public_path}"')
+    instance = start_sidecar(config, workdir / "sidecar")
+    yield instance, issuer
+    instance.stop()
+
+
+def ask_as(sidecar: Sidecar, issuer: Issuer, tenant: str, question: str,
+           delay_s: float = 0) -> httpx.Response:
+    return httpx.post(sidecar.base_url + "/chat/completions", timeout=30,
+                      headers={"Authorization": f"Bearer {issuer.token(sub=tenant)}"},
+                      json={"model": "scripted", "temperature": 0, "delay_s": delay_s,
+                            "messages": [{"role": "user", "content": question}]})
+
+
+def test_a_tenant_hits_its_own_entry_after_another_tenant_missed(
+        tenants_cached: tuple[Sidecar, Issuer], scripted: ScriptedUpstream) -> None:
+    sidecar, issuer = tenants_cached
+    before = scripted.calls
+    alice = ask_as(sidecar, issuer, "alice", "in turn")
+    bob = ask_as(sidecar, issuer, "bob", "in turn")
+    again = ask_as(sidecar, issuer, "alice", "in turn")
+    assert [r.headers["x-sidecar-cache"] for r in (alice, bob, again)] == ["miss", "miss", "hit"]
+    assert again.json()["choices"] == alice.json()["choices"]
+    assert bob.json()["choices"] != alice.json()["choices"]
+    assert scripted.calls == before + 2
+
+
+def test_two_tenants_asking_at_once_each_get_their_own_answer(
+        tenants_cached: tuple[Sidecar, Issuer], scripted: ScriptedUpstream) -> None:
+    sidecar, issuer = tenants_cached
+    before = scripted.calls
+    with ThreadPoolExecutor(2) as pool:
+        # Both in flight together: one fetch must not answer the other tenant.
+        alice, bob = pool.map(lambda tenant: ask_as(sidecar, issuer, tenant, "at once", 0.5),
+                              ["alice", "bob"])
+    assert [r.headers["x-sidecar-cache"] for r in (alice, bob)] == ["miss", "miss"]
+    assert scripted.calls == before + 2
+    assert alice.json()["choices"] != bob.json()["choices"]
+    again = ask_as(sidecar, issuer, "bob", "at once", 0.5)
+    assert again.headers["x-sidecar-cache"] == "hit"
+    assert again.json()["choices"] == bob.json()["choices"]
 
 
 def test_cache_when_always_and_never(mock_upstream: MockUpstream, upstream: MockUpstream,

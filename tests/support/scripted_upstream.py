@@ -2,10 +2,13 @@
 for answers the mock upstream never gives: an error event, data that is not JSON or not an
 object, a stream that says [DONE] without a finish_reason.
 
-The request body's `script` is a list of strings, each sent as one event's `data`, then
-`[DONE]`."""
+A streaming request's `script` is a list of strings, each sent as one event's `data`, then
+`[DONE]`. A JSON request is answered, after `delay_s`, with a text that numbers the call, so
+that a test can tell whose answer a client got."""
 
 from __future__ import annotations
+
+import asyncio
 
 import orjson
 from aiohttp import web
@@ -30,6 +33,15 @@ class ScriptedUpstream(ThreadedServer):
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body = orjson.loads(await request.read())
         self.calls += 1
+        call = self.calls
+        if not body.get("stream"):
+            await asyncio.sleep(float(body.get("delay_s") or 0))
+            return web.json_response({
+                "id": f"chatcmpl-{call}", "object": "chat.completion", "created": 1,
+                "model": "scripted", "choices": [{
+                    "index": 0, "message": {"role": "assistant", "content": f"answer {call}"},
+                    "logprobs": None, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}})
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         for data in body["script"]:
