@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: serve test lint bench check-config clean
+.PHONY: serve test lint bench check-config clean mutation
 
 # The local engine needs torch. By default the CPU build (a few hundred MB): an unpinned
 # `torch` from PyPI is the multi-GB CUDA build. With a GPU: make serve EXTRAS=dev,gpu TORCH=torch
@@ -42,6 +42,20 @@ bench: $(STAMP)
 	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -qq wrk; } || \
 		{ echo "bench needs wrk: apt-get install wrk"; exit 1; }
 	$(BIN)/python -m tests.bench.gateway $(ARGS)
+
+# Mutation testing of the modules where a bug is a security or correctness incident
+# (docs/testing.md). Slow, so not part of `make test` or CI. It runs on a copy of the last
+# commit, never in this checkout (mutmut writes mutants/ where it runs), at the lowest
+# priority. The request path: make mutation MUTANTS='sidecar.gateway* sidecar.api.openai*'
+MUTATION_DIR ?= /tmp/llm-sidecar-mutation
+MUTANTS ?= sidecar.security.* sidecar.routing.* sidecar.cache.* sidecar.protocol.requests.*
+mutation: $(STAMP)
+	$(BIN)/python -c 'import mutmut' 2>/dev/null || \
+		$(BIN)/pip install --quiet --editable '.[$(EXTRAS),mutation]'
+	rm -rf $(MUTATION_DIR) && mkdir -p $(MUTATION_DIR)
+	git archive HEAD | tar -x -C $(MUTATION_DIR)
+	cd $(MUTATION_DIR) && nice -n 19 $(CURDIR)/$(BIN)/mutmut run $(MUTANTS) >/dev/null; \
+		nice -n 19 $(CURDIR)/$(BIN)/mutmut results
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
