@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import ssl
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from sidecar import __version__, config
 from sidecar.observability import logging as slog
@@ -40,7 +42,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="(set) put a fallback-only target back in rotation")
     routes.add_argument("--url", help="the sidecar (default: from --config, else "
                         "http://127.0.0.1:8080)")
-    routes.add_argument("--config", help="config file to take the address from")
+    routes.add_argument("--config", help="config file to take the address (and, with TLS, "
+                        "the certificate to trust) from")
+    routes.add_argument("--cacert", help="CA certificate (PEM) to trust for an https:// "
+                        "sidecar (default: with --config, its server.tls_cert)")
     routes.add_argument("--token-env", default="SIDECAR_TOKEN",
                         help="environment variable holding an admin token (default: "
                         "SIDECAR_TOKEN)")
@@ -89,15 +94,17 @@ def _routes(args: argparse.Namespace) -> int:
     import urllib.request
 
     url = args.url
-    if not url:
-        host, port, scheme = "127.0.0.1", 8080, "http"
-        if args.config:
-            settings = _load(args.config)
-            if settings is None:
-                return 2
+    cacert = args.cacert
+    if args.config:
+        settings = _load(args.config)
+        if settings is None:
+            return 2
+        if not url:
             host, port = settings.server.host, settings.server.port
             scheme = "https" if settings.server.tls_cert else "http"
-        url = f"{scheme}://{host}:{port}"
+            url = f"{scheme}://{_url_host(host)}:{port}"
+        cacert = cacert or settings.server.tls_cert or None
+    url = url or "http://127.0.0.1:8080"
     headers = {"Content-Type": "application/json"}
     token = os.environ.get(args.token_env)
     if token:
@@ -133,7 +140,8 @@ def _routes(args: argparse.Namespace) -> int:
     request = urllib.request.Request(  # noqa: S310 (the scheme is checked above)
         url.rstrip("/") + "/admin/api/routes", data=body, headers=headers, method=method)
     try:
-        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+        context = _trusting(cacert) if url.startswith("https://") else None
+        with urllib.request.urlopen(request, timeout=10, context=context) as response:  # noqa: S310
             answer = json.loads(response.read())
     except urllib.error.HTTPError as exc:
         detail = exc.read().decode(errors="replace")
@@ -142,15 +150,50 @@ def _routes(args: argparse.Namespace) -> int:
         print(f"sidecar: {exc.code}: {detail}", file=sys.stderr)
         return 1
     except OSError as exc:
-        print(f"sidecar: cannot reach {url}: {exc}", file=sys.stderr)
+        hint = "" if cacert or not url.startswith("https://") else \
+            " (for a private CA, give --cacert or --config)"
+        print(f"sidecar: cannot reach {url}: {exc}{hint}", file=sys.stderr)
         return 1
+    _print_routes(answer)
+    return 0
+
+
+def _url_host(host: str) -> str:
+    host = host or "127.0.0.1"
+    if host in ("0.0.0.0", "::"):  # noqa: S104 (every address: this machine answers on loopback)
+        host = "127.0.0.1" if host == "0.0.0.0" else "::1"  # noqa: S104
+    return f"[{host}]" if ":" in host else host
+
+
+def _trusting(cacert: str | None) -> ssl.SSLContext:
+    """Trust the system's CAs, or only `cacert`. A self-signed server certificate (or the
+    server's own leaf, as server.tls_cert names it) is trusted as it is: partial chains count."""
+    context = ssl.create_default_context(cafile=cacert)
+    if cacert:
+        context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    return context
+
+
+def _print_routes(answer: dict[str, Any]) -> None:
+    """Each model, its targets with weight and health: resting (for how long, and why when
+    the server says) or its provider down."""
+    health = answer.get("health") or {}
+    resting = health.get("resting_targets_s") or {}
+    reasons = health.get("resting_reasons") or {}
+    down = health.get("providers_down_s") or {}
     models = answer.get("models", {answer.get("model"): answer.get("targets", [])})
     for model, targets in models.items():
         print(model)
         for target in targets:
-            flag = "  (fallback only)" if target["fallback_only"] else ""
-            print(f"  {target['provider']}/{target['model']}  weight {target['weight']:g}{flag}")
-    return 0
+            label = f"{target['provider']}/{target['model']}"
+            notes = ["fallback only"] if target["fallback_only"] else []
+            if label in resting:
+                why = reasons.get(label)
+                notes.append(f"resting {resting[label]:.0f}s" + (f": {why}" if why else ""))
+            if target["provider"] in down:
+                notes.append(f"provider down {down[target['provider']]:.0f}s")
+            state = "  (" + "; ".join(notes) + ")" if notes else ""
+            print(f"  {label}  weight {target['weight']:g}{state}")
 
 
 def _token(args: argparse.Namespace) -> int:
@@ -211,22 +254,20 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load(path: str | None) -> config.Settings | None:
+def _load(path: str | None, host: str | None = None,
+          port: int | None = None) -> config.Settings | None:
     try:
-        return config.load(path or config.default_config_path())
+        return config.load(path or config.default_config_path(), host=host, port=port)
     except config.ConfigError as exc:
         print(f"sidecar: config error: {exc}", file=sys.stderr)
         return None
 
 
 def _serve(args: argparse.Namespace) -> int:
-    settings = _load(args.config)
+    # The flags go through the same checks as the file (no auth is refused off loopback).
+    settings = _load(args.config, args.host, args.port)
     if settings is None:
         return 2
-    if args.host:
-        settings.server.host = args.host
-    if args.port is not None:
-        settings.server.port = args.port
     writer = slog.configure(settings.logging.level)
     # The log is JSON lines: no library's progress bar (tqdm reads this when imported).
     os.environ.setdefault("TQDM_DISABLE", "1")
@@ -265,30 +306,41 @@ def _check(args: argparse.Namespace) -> int:
         for model, provider, upstream, weight in rows
     ]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    print(f"{settings.source}: ok, {len(settings.models)} models, "
-          f"{len(settings.providers)} providers")
+    # Engines are judged first, so the verdict line is never "ok" for a config that fails.
+    engines, problems = _check_engines(settings)
+    counts = f"{len(settings.models)} models, {len(settings.providers)} providers"
+    if problems:
+        print(f"{settings.source}: not servable here, {counts}")
+    else:
+        print(f"{settings.source}: ok, {counts}")
     for row in table:
         cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
         print("  ".join(cells).rstrip())
-    return _check_engines(settings)
+    for line in engines:
+        print(line)
+    for line in problems:
+        print(line, file=sys.stderr)
+    return 1 if problems else 0
 
 
-def _check_engines(settings: config.Settings) -> int:
-    """Whether each local provider's engine can run on this machine, as `serve` would find."""
+def _check_engines(settings: config.Settings) -> tuple[list[str], list[str]]:
+    """Whether each local provider's engine can run on this machine, as `serve` would find:
+    the lines that say it can, and those that say it cannot."""
     local = {name: p for name, p in settings.providers.items()
              if isinstance(p, config.LocalProviderSettings)}
     if not local:
-        return 0
+        return [], []
     from sidecar.engines.base import EngineUnusable
     from sidecar.engines.factory import make_engine
 
-    status = 0
+    fine: list[str] = []
+    problems: list[str] = []
     for name, provider in local.items():
+        key = f"providers.{config.table_key(name)}"
         try:
             engine = make_engine(provider)
         except EngineUnusable as exc:
-            print(f"providers.{name}: cannot run here: {exc}", file=sys.stderr)
-            status = 1
+            problems.append(f"{key}: cannot run here: {exc}")
             continue
-        print(f"providers.{name}: engine {engine.kind} can run here")
-    return status
+        fine.append(f"{key}: engine {engine.kind} can run here")
+    return fine, problems

@@ -3,18 +3,21 @@ the file, the key and what is wrong."""
 
 from __future__ import annotations
 
+import difflib
+import ipaddress
 import os
 import re
+import socket
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import msgspec
+import msgspec.inspect
 from msgspec import Meta, Struct
 
 DEFAULT_CONFIG = "config/sidecar.toml"
-T = TypeVar("T")
 
 PositiveFloat = Annotated[float, Meta(gt=0)]
 Port = Annotated[int, Meta(ge=0, le=65535)]
@@ -58,6 +61,9 @@ class ServerSettings(Struct, kw_only=True, forbid_unknown_fields=True):
     max_connections: Annotated[int, Meta(ge=1)] = 4096
     max_headers: Annotated[int, Meta(ge=8)] = 100
     max_header_bytes: Annotated[int, Meta(ge=1024)] = 16 * 1024
+    # Names a browser may use for this server in its Host header, besides the listen address
+    # and the loopback names (with auth off, any other Host is refused: DNS rebinding).
+    allowed_hosts: list[str] = []
 
 
 class ProviderSettings(Struct, kw_only=True, forbid_unknown_fields=True, tag_field="kind",
@@ -235,6 +241,11 @@ class Settings(Struct, kw_only=True, forbid_unknown_fields=True):
     api_keys: dict[str, Secret] = {}
     jwt_secret: Secret | None = None
     cache_secret: Secret | None = None
+    # server.host resolved once at load: what the loopback check saw is what is bound.
+    listen_addresses: list[str] = []
+
+
+_RESERVED = ("source", "api_keys", "jwt_secret", "cache_secret", "listen_addresses")
 
 
 class ConfigError(Exception):
@@ -245,8 +256,12 @@ def default_config_path() -> str:
     return os.environ.get("SIDECAR_CONFIG") or DEFAULT_CONFIG
 
 
-def load(path: str | os.PathLike[str]) -> Settings:
-    """Read, validate and resolve a config file. Raises ConfigError with a readable message."""
+def load(path: str | os.PathLike[str], *, host: str | None = None,
+         port: int | None = None) -> Settings:
+    """Read, validate and resolve a config file. Raises ConfigError with a readable message.
+
+    `host` and `port` (the command line's) replace server.host and server.port before any
+    check, so every way of choosing the address meets the same checks."""
     source = str(path)
     try:
         raw = Path(path).read_bytes()
@@ -256,11 +271,16 @@ def load(path: str | os.PathLike[str]) -> Settings:
         data = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    if host is not None or port is not None:
+        server = data.setdefault("server", {})
+        if not isinstance(server, dict):
+            raise ConfigError(f"{source}: `server`: expected a table")
+        server.update({k: v for k, v in (("host", host), ("port", port)) if v is not None})
     return from_mapping(data, source=source)
 
 
 def from_mapping(data: dict[str, object], *, source: str = "<memory>") -> Settings:
-    for reserved in ("source", "api_keys", "jwt_secret", "cache_secret"):
+    for reserved in _RESERVED:
         if reserved in data:
             raise ConfigError(f"{source}: unknown key `{reserved}`")
     # Tables keyed by name are converted one entry at a time, so an error can say which entry.
@@ -272,10 +292,10 @@ def from_mapping(data: dict[str, object], *, source: str = "<memory>") -> Settin
         if not isinstance(entries, dict):
             raise ConfigError(f"{source}: `{section}`: expected a table")
         tables[section] = {
-            name: _convert(value, kind, source, f"{section}.{_key(name)}")
+            name: _convert(value, kind, source, f"{section}.{table_key(name)}")
             for name, value in entries.items()
         }
-    settings = _convert(rest, Settings, source, "")
+    settings: Settings = _convert(rest, Settings, source, "")
     settings.providers = tables["providers"]
     settings.models = tables["models"]
     settings.source = source
@@ -314,15 +334,30 @@ def _check_cache(settings: Settings) -> None:
         settings.cache_secret = Secret(value)
 
 
-LOOPBACK_HOSTS = ("localhost", "::1")
+def resolve_host(host: str) -> list[str]:
+    """The addresses `host` stands for, resolved once (blocking: call before the loop runs)."""
+    infos = socket.getaddrinfo(host or None, None, type=socket.SOCK_STREAM,
+                               flags=socket.AI_PASSIVE)
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
-def is_loopback(host: str) -> bool:
-    return host in LOOPBACK_HOSTS or host.startswith("127.")
+def is_loopback(addresses: list[str]) -> bool:
+    """Every address is a loopback one. Names are not judged: `127.example.internal` can
+    resolve anywhere, so only what a name resolved to counts."""
+    try:
+        return bool(addresses) and all(
+            ipaddress.ip_address(a.partition("%")[0]).is_loopback for a in addresses)
+    except ValueError:
+        return False
 
 
 def _check_server(settings: Settings) -> None:
     server, src = settings.server, settings.source
+    try:
+        settings.listen_addresses = resolve_host(server.host)
+    except (OSError, UnicodeError) as exc:
+        raise ConfigError(f"{src}: `server.host`: cannot resolve {server.host!r}: "
+                          f"{getattr(exc, 'strerror', None) or exc}") from None
     if bool(server.tls_cert) != bool(server.tls_key):
         raise ConfigError(f"{src}: `server.tls_cert` and `server.tls_key` must be set together")
     if server.tls_client_ca and not server.tls_cert:
@@ -332,10 +367,14 @@ def _check_server(settings: Settings) -> None:
 def _check_auth(settings: Settings) -> None:
     auth, src = settings.auth, settings.source
     if auth.mode == "none":
-        if not is_loopback(settings.server.host) and not auth.allow_unauthenticated:
+        if not is_loopback(settings.listen_addresses) and not auth.allow_unauthenticated:
+            where = settings.server.host or "every address"
+            resolved = ", ".join(settings.listen_addresses)
+            if resolved and resolved != where:
+                where = f"{where} ({resolved})"
             raise ConfigError(
                 f"{src}: `auth.mode`: \"none\" would let anyone who reaches "
-                f"{settings.server.host} use the configured keys; set auth.mode = \"jwt\", listen "
+                f"{where} use the configured keys; set auth.mode = \"jwt\", listen "
                 "on 127.0.0.1, or set auth.allow_unauthenticated = true to accept that"
             )
         return
@@ -361,25 +400,76 @@ def _check_auth(settings: Settings) -> None:
             raise ConfigError(f"{src}: `auth.{name}`: required when auth.mode = \"jwt\"")
 
 
-def _convert(value: object, kind: type[T], source: str, prefix: str) -> T:
+def _convert(value: object, kind: Any, source: str, prefix: str) -> Any:
     try:
         return msgspec.convert(value, kind)
     except msgspec.ValidationError as exc:
-        raise ConfigError(f"{source}: {_readable(str(exc), prefix)}") from None
+        raise ConfigError(f"{source}: {_readable(str(exc), prefix, kind, value)}") from None
 
 
-def _readable(message: str, prefix: str) -> str:
+def _readable(message: str, prefix: str, kind: Any = None, value: object = None) -> str:
     # msgspec says "Expected `int`, got `str` - at `$.server.port`"; lead with the key.
     text, sep, where = message.rpartition(" - at ")
     if not sep:
         text, where = message, ""
-    key = where.strip("`").removeprefix("$").lstrip(".")
+    path = where.strip("`").removeprefix("$")
+    if kind is not None:
+        text += _hint(text, _type_at(msgspec.inspect.type_info(kind), value, path))
+    key = path.lstrip(".")
     if prefix:
         key = f"{prefix}.{key}".replace(".[", "[") if key else prefix
     return f"`{key}`: {text}" if key else text
 
 
-def _key(name: str) -> str:
+_UNKNOWN_FIELD = re.compile(r"Object contains unknown field `([^`]+)`")
+
+
+def _hint(text: str, node: msgspec.inspect.Type | None) -> str:
+    """What the operator probably meant: the valid values, or the nearest known key."""
+    unknown = _UNKNOWN_FIELD.match(text)
+    if unknown and isinstance(node, msgspec.inspect.StructType):
+        names = [f.name for f in node.fields if f.name not in _RESERVED]
+        close = difflib.get_close_matches(unknown[1], names, n=1)
+        return f"; did you mean `{close[0]}`?" if close else ""
+    if text.startswith(("Invalid enum value", "Invalid value")) and isinstance(
+            node, msgspec.inspect.LiteralType):
+        return " (expected one of: " + ", ".join(f'"{v}"' for v in node.values) + ")"
+    return ""
+
+
+def _type_at(node: msgspec.inspect.Type, value: object, path: str
+             ) -> msgspec.inspect.Type | None:
+    """The type msgspec was checking at `path` ("$.a.b[0]" without the "$")."""
+    for name, index in [*re.findall(r"\.([^.\[]+)|\[(\d+|\.\.\.)\]", path), ("", "")]:
+        if isinstance(node, msgspec.inspect.UnionType):
+            tagged: list[msgspec.inspect.StructType] = [
+                t for t in node.types
+                if isinstance(t, msgspec.inspect.StructType) and t.tag_field is not None]
+            if tagged and name == tagged[0].tag_field:
+                return msgspec.inspect.LiteralType(values=tuple(str(t.tag) for t in tagged))
+            tag = value.get(tagged[0].tag_field) if tagged and isinstance(value, dict) else None
+            chosen: list[msgspec.inspect.Type] = [t for t in tagged if t.tag == tag] or [
+                t for t in node.types if not isinstance(t, msgspec.inspect.NoneType)]
+            if len(chosen) != 1:
+                return None
+            node = chosen[0]
+        if name:
+            fields = {f.name: f.type for f in getattr(node, "fields", ())}
+            if name not in fields:
+                return None
+            node = fields[name]
+            value = value.get(name) if isinstance(value, dict) else None
+        elif index:
+            inner = getattr(node, "item_type", None) or getattr(node, "value_type", None)
+            if inner is None:
+                return None
+            node = inner
+            value = value[int(index)] if isinstance(value, list) and index.isdigit() and \
+                int(index) < len(value) else None
+    return node
+
+
+def table_key(name: str) -> str:
     """A table key as TOML would write it: bare when it can be, quoted otherwise."""
     return name if re.fullmatch(r"[A-Za-z0-9_-]+", name) else f'"{name}"'
 
@@ -389,36 +479,34 @@ def _check(settings: Settings) -> None:
     for name, provider in settings.providers.items():
         if not isinstance(provider, ProviderSettings):
             continue
+        key = f"providers.{table_key(name)}"
         url = urlsplit(provider.base_url)
         if url.scheme not in ("http", "https") or not url.hostname:
             raise ConfigError(
-                f"{src}: `providers.{name}.base_url`: expected an http:// or https:// URL, "
+                f"{src}: `{key}.base_url`: expected an http:// or https:// URL, "
                 f"got {provider.base_url!r}"
             )
         if provider.api_key_env and provider.api_key_file:
-            raise ConfigError(
-                f"{src}: `providers.{name}`: set api_key_env or api_key_file, not both"
-            )
+            raise ConfigError(f"{src}: `{key}`: set api_key_env or api_key_file, not both")
     if not settings.models:
         raise ConfigError(f"{src}: `models`: no model is configured; add a [models.\"NAME\"] table")
     for model, entry in settings.models.items():
+        key = f"models.{table_key(model)}"
         if not entry.targets:
-            raise ConfigError(f"{src}: `models.{model}.targets`: needs at least one target")
+            raise ConfigError(f"{src}: `{key}.targets`: needs at least one target")
         for i, target in enumerate(entry.targets):
             if target.provider not in settings.providers:
                 known = ", ".join(sorted(settings.providers)) or "none"
                 raise ConfigError(
-                    f"{src}: `models.{model}.targets[{i}].provider`: unknown provider "
+                    f"{src}: `{key}.targets[{i}].provider`: unknown provider "
                     f"{target.provider!r} (configured: {known})"
                 )
         if all(t.weight == 0 for t in entry.targets):
             raise ConfigError(
-                f"{src}: `models.{model}.targets`: every weight is 0, so nothing can serve it"
+                f"{src}: `{key}.targets`: every weight is 0, so nothing can serve it"
             )
         if all(t.fallback_only for t in entry.targets):
-            raise ConfigError(
-                f"{src}: `models.{model}.targets`: every target is fallback_only"
-            )
+            raise ConfigError(f"{src}: `{key}.targets`: every target is fallback_only")
 
 
 def _resolve_keys(settings: Settings) -> dict[str, Secret]:
@@ -427,11 +515,12 @@ def _resolve_keys(settings: Settings) -> dict[str, Secret]:
     for name, provider in settings.providers.items():
         if not isinstance(provider, ProviderSettings):
             continue
+        key = f"providers.{table_key(name)}"
         if provider.api_key_env:
             value = os.environ.get(provider.api_key_env)
             if not value:
                 raise ConfigError(
-                    f"{src}: `providers.{name}.api_key_env`: the environment variable "
+                    f"{src}: `{key}.api_key_env`: the environment variable "
                     f"{provider.api_key_env} is not set"
                 )
             keys[name] = Secret(value.strip())
@@ -440,12 +529,12 @@ def _resolve_keys(settings: Settings) -> dict[str, Secret]:
                 value = Path(provider.api_key_file).read_text(encoding="utf-8").strip()
             except OSError as exc:
                 raise ConfigError(
-                    f"{src}: `providers.{name}.api_key_file`: cannot read "
+                    f"{src}: `{key}.api_key_file`: cannot read "
                     f"{provider.api_key_file}: {exc.strerror}"
                 ) from None
             if not value:
                 raise ConfigError(
-                    f"{src}: `providers.{name}.api_key_file`: {provider.api_key_file} is empty"
+                    f"{src}: `{key}.api_key_file`: {provider.api_key_file} is empty"
                 )
             keys[name] = Secret(value)
     return keys

@@ -168,3 +168,94 @@ def test_check_config_says_whether_a_local_engine_can_run_here(tmp_path: Path) -
     assert result.returncode == 1
     assert 'providers.local: cannot run here: engine "exllamav2" needs a CUDA GPU' in \
         result.stderr
+
+
+def test_check_config_never_says_ok_for_a_config_it_then_fails(tmp_path: Path) -> None:
+    shipped = (ROOT / "config" / "sidecar.toml").read_text()
+    gpu = write(tmp_path, shipped.replace('engine = "auto"', 'engine = "exllamav2"'))
+    result = check_config(str(gpu))
+    assert result.returncode == 1
+    assert "ok" not in result.stdout.replace("model", "").split()
+    assert result.stdout.splitlines()[0].startswith(f"{gpu}: not servable here")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[logging]\nlevel = 'loud'\n" + GOOD,
+         '`logging.level`: Invalid enum value \'loud\' (expected one of: "debug", "error", '
+         '"info", "warning")'),
+        (GOOD.replace('kind = "openai"', 'kind = "magic"'),
+         '`providers.up.kind`: Invalid value \'magic\' (expected one of: "openai", "local")'),
+        ("[cache]\ncache_when = 'sometimes'\n" + GOOD, '"always", "deterministic", "never"'),
+    ],
+)
+def test_an_enum_error_lists_the_valid_values(tmp_path: Path, text: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        config.load(write(tmp_path, text))
+    assert expected in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[server]\nprot = 8080\n" + GOOD, "unknown field `prot`; did you mean `port`?"),
+        ("sever = 1\n" + GOOD, "unknown field `sever`; did you mean `server`?"),
+        ("[cache]\nenable = true\n" + GOOD, "did you mean `enabled`?"),
+        (GOOD.replace("base_url", "base_urll"), "`providers.up`: Object contains unknown field "
+         "`base_urll`; did you mean `base_url`?"),
+        (GOOD.replace("weight = 2", "wieght = 2"), "`models.m.targets[0]`: Object contains "
+         "unknown field `wieght`; did you mean `weight`?"),
+        ("[providers.loc]\nkind = 'local'\nenigne = 'auto'\n" + GOOD,
+         "`providers.loc`: Object contains unknown field `enigne`; did you mean `engine`?"),
+    ],
+)
+def test_an_unknown_key_suggests_the_nearest_known_one(tmp_path: Path, text: str,
+                                                      expected: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        config.load(write(tmp_path, text))
+    assert expected in str(caught.value)
+
+
+def test_model_names_are_quoted_the_same_way_in_every_message(tmp_path: Path) -> None:
+    dotted = GOOD.replace('[models."m"]', '[models."gpt-4.1"]')
+    messages = []
+    for text in (dotted.replace("weight = 2", "weight = 'x'"),
+                 dotted.replace('provider = "up", model', 'provider = "nope", model'),
+                 dotted.replace("weight = 2", "weight = 0").replace("weight = 1", "weight = 0")):
+        with pytest.raises(ConfigError) as caught:
+            config.load(write(tmp_path, text))
+        messages.append(str(caught.value))
+    assert all('`models."gpt-4.1".targets' in m for m in messages), messages
+
+
+def test_the_host_flag_meets_the_loopback_check(tmp_path: Path) -> None:
+    path = write(tmp_path, GOOD)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "sidecar", "serve", "--config", str(path), "--host",
+             "0.0.0.0", "--port", "0"], cwd=ROOT, capture_output=True, text=True, timeout=20)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the sidecar served without auth on 0.0.0.0")
+    assert result.returncode == 2
+    assert "`auth.mode`" in result.stderr and "0.0.0.0" in result.stderr
+
+
+def test_the_flags_replace_the_file_before_the_checks(tmp_path: Path) -> None:
+    path = write(tmp_path, GOOD)
+    with pytest.raises(ConfigError, match=r"`auth\.mode`"):
+        config.load(path, host="0.0.0.0")
+    settings = config.load(write(tmp_path, "[server]\nhost = '0.0.0.0'\n" + GOOD),
+                           host="127.0.0.1", port=9)
+    assert (settings.server.host, settings.server.port) == ("127.0.0.1", 9)
+    assert settings.listen_addresses == ["127.0.0.1"]
+
+
+def test_a_name_is_loopback_only_by_what_it_resolves_to(tmp_path: Path) -> None:
+    # Starts with "127." but is a name, and resolves nowhere (RFC 2606 keeps .invalid so).
+    with pytest.raises(ConfigError, match=r"`server\.host`: cannot resolve"):
+        config.load(write(tmp_path, "[server]\nhost = '127.example.invalid'\n" + GOOD))
+    local = config.load(write(tmp_path, "[server]\nhost = 'localhost'\n" + GOOD))
+    assert local.listen_addresses and config.is_loopback(local.listen_addresses)
+    assert not config.is_loopback(["127.0.0.1", "10.1.2.3"])
+    assert not config.is_loopback(config.resolve_host("0.0.0.0"))
