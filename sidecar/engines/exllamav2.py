@@ -19,15 +19,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from sidecar.engines import models
-from sidecar.engines.base import (
-    Delta,
-    EngineNotReady,
-    EngineUnusable,
-    Job,
-    Params,
-    ThreadedEngine,
-)
+from sidecar.engines.errors import EngineNotReady, EngineUnusable
+from sidecar.engines.job import Delta, Job, Params
 from sidecar.engines.prompt import Prompting, eos_ids
+from sidecar.engines.worker import ThreadedEngine
 
 log = logging.getLogger("sidecar.engine")
 

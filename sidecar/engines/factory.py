@@ -7,7 +7,8 @@ from typing import Any
 
 from sidecar.config import LocalProviderSettings
 from sidecar.engines import exllamav2, models, transformers
-from sidecar.engines.base import EngineUnusable, ThreadedEngine
+from sidecar.engines.errors import EngineUnusable
+from sidecar.engines.worker import ThreadedEngine
 
 
 def make_engine(settings: LocalProviderSettings) -> ThreadedEngine:

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from sidecar.engines.base import EngineUnusable
+from sidecar.engines.errors import EngineUnusable
 
 log = logging.getLogger("sidecar.engine")
 
@@ -107,7 +107,7 @@ def convert_gguf(source: Path, filename: str, target: Path) -> None:
             f"converting the embedded model needs torch and transformers ({exc.name} is "
             "missing): pip install 'llm-sidecar[cpu]'"
         ) from None
-    from sidecar.engines.transformers import quiet_transformers
+    from sidecar.engines.hf import quiet_transformers
 
     quiet_transformers()
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from sidecar.engines.base import Params
+from sidecar.engines.job import Params
 
 if TYPE_CHECKING:
     import torch

@@ -18,11 +18,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from sidecar.engines import models
-from sidecar.engines.base import Delta, EngineNotReady, EngineUnusable, Job, ThreadedEngine
 from sidecar.engines.batch import KVBatch, output_cache
+from sidecar.engines.errors import EngineNotReady, EngineUnusable
+from sidecar.engines.hf import quiet_transformers
+from sidecar.engines.job import Delta, Job
 from sidecar.engines.prompt import Prompting, eos_ids
 from sidecar.engines.sampling import next_token
 from sidecar.engines.text import Detokenizer
+from sidecar.engines.worker import ThreadedEngine
 
 log = logging.getLogger("sidecar.engine")
 
@@ -232,7 +235,7 @@ class TransformersEngine(ThreadedEngine):
     def generate_direct(self, prompt_ids: list[int], params: Any) -> tuple[str, int]:
         """The same generation code without the queue, the thread hand-off or HTTP: what a
         benchmark compares the sidecar against. Blocking; call it while no request runs."""
-        job = Job(self, prompt_ids, params)
+        job = Job(prompt_ids, params)
         shared, self._batch = self._batch, KVBatch()
         try:
             self._start(job)
@@ -244,14 +247,6 @@ class TransformersEngine(ThreadedEngine):
                     return "".join(pieces), delta.completion_tokens
         finally:
             self._batch = shared
-
-
-def quiet_transformers() -> None:
-    """No progress bars or advice on the sidecar's log: it is JSON lines."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
-    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
 
 
 def native_bf16() -> bool:

@@ -332,7 +332,7 @@ def test_exllamav2_without_a_gpu_fails_at_start_in_one_sentence(
 
 
 async def test_the_cpu_engine_runs_in_bfloat16_when_asked() -> None:
-    from sidecar.engines.base import Params
+    from sidecar.engines.job import Params
     from sidecar.engines.transformers import TransformersEngine
 
     engine = TransformersEngine(dtype="bfloat16", max_batch_size=1, max_queue=1,
@@ -351,7 +351,7 @@ async def test_the_cpu_engine_runs_in_bfloat16_when_asked() -> None:
 async def test_sequences_generated_together_say_what_each_says_alone() -> None:
     """Three prompts of different lengths, joining and leaving the batch at different
     steps, give the same greedy text as each generated alone."""
-    from sidecar.engines.base import Params
+    from sidecar.engines.job import Params
     from sidecar.engines.transformers import TransformersEngine
 
     engine = TransformersEngine(max_batch_size=4, max_queue=4, max_seq_len=512, stall_s=30,
@@ -409,7 +409,7 @@ async def test_a_model_with_sliding_windows_generates_one_sequence_at_a_time(
     import os
 
     from sidecar.engines import models
-    from sidecar.engines.base import Params
+    from sidecar.engines.job import Params
     from sidecar.engines.transformers import TransformersEngine
 
     real = models.resolve("builtin:smollm2-135m-instruct")

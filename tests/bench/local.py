@@ -21,7 +21,7 @@ import aiohttp
 import httpx
 import orjson
 
-from sidecar.engines.base import Params
+from sidecar.engines.job import Params
 from sidecar.engines.transformers import TransformersEngine
 from tests.bench.gateway import LOAD_CPU, PY, ROOT, free_port, pct, process
 

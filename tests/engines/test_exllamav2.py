@@ -15,8 +15,9 @@ import pytest
 from blockbuster import BlockBuster
 
 from sidecar.engines import models
-from sidecar.engines.base import ContextLengthExceeded, EngineBusy, EngineFailure, Params
+from sidecar.engines.errors import ContextLengthExceeded, EngineBusy, EngineFailure
 from sidecar.engines.exllamav2 import ExLlamaV2Engine, sampler_settings
+from sidecar.engines.job import Params
 from tests.support.exllamav2_standin import EOS, Generator, Job, Settings, standin_loader
 
 

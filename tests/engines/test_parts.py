@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from sidecar import config
-from sidecar.engines.base import Params
 from sidecar.engines.chat_template import ChatTemplate, TemplateMissing
+from sidecar.engines.job import Params
 from sidecar.engines.text import Detokenizer
 from sidecar.errors import InvalidRequest
 

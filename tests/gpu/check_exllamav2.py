@@ -137,8 +137,8 @@ async def through_sidecar(url: str, streams: int) -> float:
 def raw_generator(model: Path, streams: int) -> float:
     """The same jobs on ExLlamaV2's own dynamic generator, no sidecar."""
     sys.path.insert(0, str(ROOT))
-    from sidecar.engines.base import Params
     from sidecar.engines.exllamav2 import load_runtime, sampler_settings
+    from sidecar.engines.job import Params
 
     runtime = raw_generator.runtime if hasattr(raw_generator, "runtime") else None  # type: ignore[attr-defined]
     if runtime is None:
