@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 
 import orjson
+
+# The reason a stopping server gives when it ends a request still running after the drain
+# (asyncio's cancel message): a handler tells it from a client that went away.
+SHUTTING_DOWN = "server_shutting_down"
 
 
 class SidecarError(Exception):
@@ -84,6 +89,21 @@ class PayloadTooLarge(SidecarError):
     code = "request_too_large"
 
 
+class UnsupportedMediaType(SidecarError):
+    status = 415
+    type = "invalid_request_error"
+    code = "unsupported_media_type"
+
+
+class BrowserRefused(SidecarError):
+    """A request a browser was led to make: another site's Origin, or a Host that is not
+    this server (DNS rebinding)."""
+
+    status = 403
+    type = "permission_error"
+    code = "origin_not_allowed"
+
+
 class RateLimited(SidecarError):
     status = 429
     type = "rate_limit_error"
@@ -94,6 +114,15 @@ class Unavailable(SidecarError):
     status = 503
     type = "server_error"
     code = "service_unavailable"
+
+
+class ShuttingDown(Unavailable):
+    code = SHUTTING_DOWN
+
+
+def cancelled_for_shutdown(exc: BaseException) -> bool:
+    """The request was ended by the drain of a stopping server, not by its client leaving."""
+    return isinstance(exc, asyncio.CancelledError) and SHUTTING_DOWN in exc.args
 
 
 class Spillable(Unavailable):

@@ -1,4 +1,5 @@
-"""Running the app: one uvloop event loop, a graceful drain on SIGTERM/SIGINT."""
+"""Running the app: one uvloop event loop, a graceful drain on SIGTERM/SIGINT, SIGHUP that
+reloads the certificate (or is only noted) and never stops the process."""
 
 from __future__ import annotations
 
@@ -6,16 +7,22 @@ import asyncio
 import gc
 import logging
 import signal
+import ssl
 
 from aiohttp import web
 
 from sidecar.app import create_app
-from sidecar.config import Settings
+from sidecar.appkeys import READINESS
+from sidecar.config import ServerSettings, Settings
+from sidecar.errors import SHUTTING_DOWN
 from sidecar.observability.logging import LineWriter
-from sidecar.security.connections import EdgeRunner, c_parser_in_use
+from sidecar.security.connections import EdgeRunner, InFlight, c_parser_in_use
 from sidecar.security.tls import reload_certificate, server_context
 
 log = logging.getLogger("sidecar")
+# After the drain: how long requests just ended get to write their last words, and idle
+# keep-alive connections to close. Small, so a stop takes shutdown_timeout_s and little more.
+CLOSE_S = 1.0
 
 
 async def serve(settings: Settings, log_writer: LineWriter | None = None) -> None:
@@ -31,7 +38,10 @@ async def serve(settings: Settings, log_writer: LineWriter | None = None) -> Non
         access_log=None,
         # A client that goes away cancels its handler, and with it the upstream request.
         handler_cancellation=True,
-        shutdown_timeout=server.shutdown_timeout_s,
+        # The drain (shutdown_timeout_s) is ours, below; aiohttp's own wait comes after it and
+        # would wait as long again, twice (for the handler, then for its task).
+        shutdown_timeout=CLOSE_S,
+        max_body_bytes=server.max_body_bytes,
         # Headers must arrive within this long of a connection opening or going idle.
         keepalive_timeout=server.header_timeout_s,
         max_headers=server.max_headers,
@@ -46,12 +56,10 @@ async def serve(settings: Settings, log_writer: LineWriter | None = None) -> Non
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    if tls is not None:
-        loop.add_signal_handler(signal.SIGHUP, reload_certificate, tls, server)
+    # systemd's reload sends SIGHUP; without a handler it would end the process.
+    loop.add_signal_handler(signal.SIGHUP, _hangup, tls, server)
     try:
-        site = web.TCPSite(runner, server.host, server.port, backlog=1024, reuse_address=True,
-                           ssl_context=tls)
-        await site.start()
+        await _listen(runner, settings, tls)
         log.info(
             "serving",
             extra={"fields": {"address": _address(runner, tls is not None),
@@ -59,10 +67,52 @@ async def serve(settings: Settings, log_writer: LineWriter | None = None) -> Non
                               "auth": settings.auth.mode}},
         )
         await stop.wait()
-        log.info("stopping: draining requests in flight")
+        await _drain(app, runner.in_flight, server.shutdown_timeout_s)
     finally:
         await runner.cleanup()
         log.info("stopped")
+
+
+async def _listen(runner: web.AppRunner, settings: Settings, tls: ssl.SSLContext | None
+                  ) -> None:
+    """Bind the addresses server.host resolved to when the config was checked, not the name
+    again: what was judged loopback is what is bound. Port 0 picks one port for them all."""
+    port = settings.server.port
+    for i, address in enumerate(settings.listen_addresses or [settings.server.host]):
+        site = web.TCPSite(runner, address, port, backlog=1024, reuse_address=True,
+                           ssl_context=tls)
+        try:
+            await site.start()
+        except OSError as exc:
+            if i == 0:
+                raise
+            # A name such as localhost may resolve to ::1 on a host without IPv6.
+            log.warning("cannot listen on one of the addresses",
+                        extra={"fields": {"address": address, "error": exc.strerror}})
+            continue
+        if port == 0:
+            port = runner.addresses[0][1]
+
+
+def _hangup(tls: ssl.SSLContext | None, server: ServerSettings) -> None:
+    if tls is not None:
+        reload_certificate(tls, server)
+    else:
+        log.info("SIGHUP received: no certificate to reload; carrying on")
+
+
+async def _drain(app: web.Application, in_flight: InFlight, grace_s: float) -> None:
+    """Say not ready at once, let requests in flight finish for `grace_s` (once), then end
+    those still running with a reason: a stream ends with an error event, not a silent cut."""
+    app[READINESS].draining = True
+    log.info("stopping: draining requests in flight",
+             extra={"fields": {"in_flight": len(in_flight.tasks), "timeout_s": grace_s}})
+    if await in_flight.wait_idle(grace_s):
+        return
+    left = in_flight.cancel(SHUTTING_DOWN)
+    log.warning("stopping: ending requests still in flight after the drain",
+                extra={"fields": {"requests": len(left)}})
+    await asyncio.wait(left, timeout=CLOSE_S)
 
 
 def _address(runner: web.AppRunner, tls: bool) -> str:

@@ -1,17 +1,22 @@
 """The connection layer: a cap on open connections, header limits answered with 431, protocol
-errors in the OpenAI shape, and a check that aiohttp's C HTTP parser is the one in use."""
+errors in the OpenAI shape, an oversize `Expect: 100-continue` body refused before it is sent,
+the requests in flight (for a drain), and a check that aiohttp's C HTTP parser is in use."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiohttp import http_exceptions, http_parser, web
+from aiohttp import hdrs, http_exceptions, http_parser, web
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
-from sidecar.errors import error_body
+from sidecar.api.http import error_response
+from sidecar.errors import PayloadTooLarge, error_body
+
+RawHandler = Callable[[BaseRequest], Awaitable[web.StreamResponse]]
 
 log = logging.getLogger("sidecar.edge")
 
@@ -87,17 +92,82 @@ class EdgeServer(web.Server):
         return EdgeHandler(self, loop=self._loop, **self._kwargs)
 
 
-class EdgeRunner(web.AppRunner):
-    """An AppRunner whose connections are served by EdgeHandler."""
+class InFlight:
+    """The requests being handled, so that a stopping server can wait for them and then end
+    those still running (with a reason their handlers can tell from a client leaving)."""
 
-    def __init__(self, app: web.Application, *, max_connections: int, **kwargs: Any) -> None:
+    def __init__(self) -> None:
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def track(self, handler: RawHandler, max_body_bytes: int) -> RawHandler:
+        tasks, idle = self.tasks, self._idle
+
+        async def tracked(request: BaseRequest) -> web.StreamResponse:
+            if hdrs.EXPECT in request.headers:
+                refused = _refuse_expected_body(request, max_body_bytes)
+                if refused is not None:
+                    return refused
+            task = asyncio.current_task()
+            assert task is not None  # aiohttp runs each request in a task of its own
+            tasks.add(task)
+            idle.clear()
+            try:
+                return await handler(request)
+            finally:
+                tasks.discard(task)
+                if not tasks:
+                    idle.set()
+
+        return tracked
+
+    async def wait_idle(self, within_s: float) -> bool:
+        """True once no request is in flight; False if some still are after `within_s`."""
+        try:
+            async with asyncio.timeout(within_s):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    def cancel(self, reason: str) -> set[asyncio.Task[Any]]:
+        left = set(self.tasks)
+        for task in left:
+            task.cancel(reason)
+        return left
+
+
+def _refuse_expected_body(request: BaseRequest, limit: int) -> web.StreamResponse | None:
+    """A client that asks before sending (Expect: 100-continue) a body over the limit gets its
+    413 at once, instead of `100 Continue`, an upload, and then the 413."""
+    length = request.content_length
+    if length is None or length <= limit or \
+            request.headers[hdrs.EXPECT].lower() != "100-continue":
+        return None
+    log.info("refused an announced body over the limit",
+             extra={"fields": {"status": 413, "content_length": length, "limit": limit}})
+    answer = error_response(PayloadTooLarge(
+        f"The request body is larger than the {limit} bytes this server accepts."))
+    answer.force_close()  # the body, if the client sends it anyway, is not read
+    return answer
+
+
+class EdgeRunner(web.AppRunner):
+    """An AppRunner whose connections are served by EdgeHandler, with its requests in
+    flight tracked."""
+
+    def __init__(self, app: web.Application, *, max_connections: int, max_body_bytes: int,
+                 **kwargs: Any) -> None:
         super().__init__(app, **kwargs)
         self._max_connections = max_connections
+        self._max_body_bytes = max_body_bytes
+        self.in_flight = InFlight()
 
     async def _make_server(self) -> web.Server:
         plain = await super()._make_server()
         return EdgeServer(
-            plain.request_handler,
+            self.in_flight.track(plain.request_handler, self._max_body_bytes),
             request_factory=plain.request_factory,
             handler_cancellation=plain.handler_cancellation,
             loop=asyncio.get_running_loop(),
