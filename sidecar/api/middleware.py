@@ -1,24 +1,29 @@
 """The edge every request passes: a request id, the OpenAI error envelope, timings and one
-structured log line."""
+structured log line; with auth off, the refusal of what a browser was led to send."""
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import itertools
 import logging
 import re
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler, Middleware
 
 from sidecar.api.http import error_response
 from sidecar.appkeys import CONTEXT, SETTINGS
-from sidecar.config import AuthSettings
+from sidecar.config import AuthSettings, Settings
 from sidecar.errors import (
+    BrowserRefused,
     MethodNotAllowed,
     PayloadTooLarge,
     RouteNotFound,
+    ShuttingDown,
     SidecarError,
+    UnsupportedMediaType,
+    cancelled_for_shutdown,
 )
 from sidecar.observability.logging import AccessLog, process_tag
 from sidecar.observability.timing import RequestContext, Timing
@@ -26,6 +31,7 @@ from sidecar.security.jwt import ANONYMOUS, Forbidden, Unauthorized, Verifier
 from sidecar.security.limits import Limiter
 
 log = logging.getLogger("sidecar")
+_AUTH_REFUSALS = (Unauthorized, Forbidden, BrowserRefused)
 _CLIENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
@@ -56,12 +62,26 @@ def make_middleware(access_log: AccessLog, guard: Guard) -> Middleware:
             else:
                 response = await handler(request)
         except SidecarError as exc:
+            if isinstance(exc, _AUTH_REFUSALS):
+                fields["auth_error"] = exc.code or exc.type  # the reason, never the token
             response = error_response(exc)
         except web.HTTPException as exc:
             response = error_response(_from_http(request, exc))
-        except asyncio.CancelledError:
-            _log(access_log, request, rid, timing, fields, 499, "client closed the connection")
-            raise
+        except asyncio.CancelledError as exc:
+            if not cancelled_for_shutdown(exc):
+                _log(access_log, request, rid, timing, fields, 499,
+                     "client closed the connection")
+                raise
+            if request.writer.output_size > 0:  # a stream under way ends in its own way
+                _log(access_log, request, rid, timing, fields, 503, "server shutting down")
+                raise
+            # Nothing was sent yet: the client gets a 503 it may retry elsewhere.
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            response = error_response(ShuttingDown(
+                "The server is shutting down; retry the request.", headers={"Retry-After": "1"}))
+            response.force_close()
         except Exception:
             log.exception("unhandled error", extra={"fields": {"request_id": rid}})
             response = error_response(
@@ -92,6 +112,7 @@ class Guard:
         self._admin_scope = auth.admin_scope
         self._limiter = limiter
         self._requests = limiter.requests
+        self._browsers: BrowserCheck | None = None
 
     @staticmethod
     def applies(path: str) -> bool:
@@ -99,7 +120,13 @@ class Guard:
 
     async def admit(self, request: web.Request, context: RequestContext) -> None:
         """Raise the refusal, or count the request in (then `release` must follow)."""
-        if self._verifier is not None:
+        if self._verifier is None:
+            # No token to prove intent: a page in the user's browser could otherwise drive
+            # the API (and the admin API) of a sidecar on this machine.
+            if self._browsers is None:
+                self._browsers = BrowserCheck(request.app[SETTINGS])
+            self._browsers.check(request)
+        else:
             needed = self._chat_scope if request.path.startswith("/v1/") else self._admin_scope
             principal = await self._verifier.verify(_bearer(request))
             if needed not in principal.scopes:
@@ -121,6 +148,62 @@ class Guard:
 
     def release(self) -> None:
         self._limiter.leave()
+
+
+class BrowserCheck:
+    """What only a browser led by another site sends: an Origin that is not this server's,
+    a Host that is not one of its names (DNS rebinding), or a body that is not declared JSON
+    (the kinds a page may send without asking first). SDKs and curl send none of these."""
+
+    def __init__(self, settings: Settings) -> None:
+        server = settings.server
+        self._names = frozenset(
+            _host_name(h) for h in (server.host, *settings.listen_addresses, "localhost",
+                                    *server.allowed_hosts) if h)
+        # Listening on every address: any address of this machine is its own.
+        addresses = [_ip(a) for a in settings.listen_addresses]
+        self._any_address = any(a is not None and a.is_unspecified for a in addresses)
+
+    def check(self, request: web.Request) -> None:
+        headers = request.headers
+        host = headers.get(hdrs.HOST)
+        if host is not None and not self._known(_host_name(host)):
+            raise BrowserRefused(f"The Host `{host[:100]}` is not a name of this server; add it "
+                                 "to server.allowed_hosts if it is.", code="host_not_allowed")
+        origin = headers.get(hdrs.ORIGIN)
+        if origin is not None and origin.lower() != f"{request.scheme}://{host}".lower():
+            raise BrowserRefused(f"Requests from the origin `{origin[:100]}` are not accepted.")
+        if request.method in _WITH_BODY and request.body_exists:
+            kind = request.content_type
+            if kind != "application/json" and not kind.endswith("+json"):
+                raise UnsupportedMediaType(
+                    "The body must be JSON, sent with `Content-Type: application/json`.")
+
+    def _known(self, name: str) -> bool:
+        if name in self._names:
+            return True
+        address = _ip(name)
+        return address is not None and (address.is_loopback or self._any_address)
+
+
+_WITH_BODY = frozenset({"POST", "PUT", "PATCH"})
+
+
+def _host_name(host: str) -> str:
+    """The name in a Host header (or an address), without port, brackets or final dot."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    if host.count(":") == 1:
+        host = host.partition(":")[0]
+    return host.rstrip(".")
+
+
+def _ip(name: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(name.partition("%")[0])
+    except ValueError:
+        return None
 
 
 def _bearer(request: web.Request) -> str:

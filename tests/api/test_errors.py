@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+from pathlib import Path
+
 import httpx
 import openai
+import orjson
 import pytest
 
-from tests.support.sidecar import Sidecar
+from tests.support.auth_helpers import jwt_config, make_issuer
+from tests.support.sidecar import Sidecar, base_config
 from tests.support.upstream_mock import MockUpstream
 
 USER = [{"role": "user", "content": "hi"}]
@@ -113,6 +119,61 @@ def test_unknown_route_and_wrong_method_use_the_error_shape(sidecar: Sidecar) ->
 
 def test_server_stays_healthy_after_bad_input(sidecar: Sidecar, client: openai.OpenAI) -> None:
     for raw in (b"{", b"[" * 10000, b'{"model": "gpt-test", "messages": ' + b"[" * 5000):
-        assert httpx.post(sidecar.base_url + "/chat/completions", content=raw).status_code == 400
+        assert httpx.post(sidecar.base_url + "/chat/completions", content=raw,
+                          headers={"Content-Type": "application/json"}).status_code == 400
     reply = client.chat.completions.create(model="gpt-test", messages=USER)  # type: ignore[arg-type]
     assert reply.choices[0].message.content == "Hello from mock: hi"
+
+
+def test_a_body_with_a_repeated_key_is_400_and_reaches_no_upstream(
+        sidecar: Sidecar, upstream: MockUpstream) -> None:
+    raw = b'{"model":"gpt-test","model":"dead","messages":[{"role":"user","content":"hi"}]}'
+    response = httpx.post(sidecar.base_url + "/chat/completions", content=raw,
+                          headers={"Content-Type": "application/json"})
+    assert response.status_code == 400
+    assert error_of(response)["param"] == "model"
+    assert upstream.requests == []
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        # Rewritten (the model is renamed for the upstream) at 300 levels.
+        b'{"model":"gpt-test","messages":[{"role":"user","content":"hi"}],"x":'
+        + b"[" * 300 + b"]" * 300 + b"}",
+        # An escape makes the forbidden-key guard walk the whole body.
+        b'{"model":"gpt-test","messages":[{"role":"user","content":"hi"}],"x":'
+        + b'{"k\\u0061":' * 1000 + b"1" + b"}" * 1000 + b"}",
+    ],
+)
+def test_deep_nesting_is_400_naming_the_limit_not_500(sidecar: Sidecar, upstream: MockUpstream,
+                                                      raw: bytes) -> None:
+    response = httpx.post(sidecar.base_url + "/chat/completions", content=raw,
+                          headers={"Content-Type": "application/json"})
+    assert response.status_code == 400
+    error = error_of(response)
+    assert error["code"] == "too_deeply_nested" and "64" in str(error["message"])
+    assert upstream.requests == []
+
+
+def test_auth_refusals_log_their_reason_and_never_the_token(
+        mock_upstream: MockUpstream, sidecar_factory: Callable[..., Sidecar],
+        tmp_path: Path) -> None:
+    issuer = make_issuer(tmp_path / "issuer")
+    secured = sidecar_factory(base_config(mock_upstream) + jwt_config(
+        f'public_key_file = "{issuer.public_path}"', leeway=0))
+    expired = issuer.token(exp=int(time.time()) - 60)
+    no_scope = issuer.token(scope="other")
+    url = secured.base_url + "/chat/completions"
+    body = {"model": "gpt-test", "messages": USER}
+    assert httpx.post(url, json=body).status_code == 401
+    assert httpx.post(url, json=body, headers={"Authorization": f"Bearer {expired}"}
+                      ).status_code == 401
+    assert httpx.post(url, json=body, headers={"Authorization": f"Bearer {no_scope}"}
+                      ).status_code == 403
+    assert secured.wait_for_log("insufficient_scope")
+    lines = [orjson.loads(line) for line in secured.logs().splitlines()
+             if line.startswith("{") and '"path":"/v1/chat/completions"' in line]
+    assert [(line["status"], line.get("auth_error")) for line in lines] == [
+        (401, "missing_token"), (401, "token_expired"), (403, "insufficient_scope")]
+    assert expired not in secured.logs() and no_scope not in secured.logs()

@@ -1,5 +1,6 @@
 """The edge under abuse: slow clients are cut off by timeouts while others are served, oversize
-headers get 431, bodies are measured after decompression, connections are capped, no CORS."""
+headers get 431, bodies are measured after decompression (and refused before they are sent when
+announced with Expect: 100-continue), connections are capped, no CORS."""
 
 from __future__ import annotations
 
@@ -65,7 +66,8 @@ def test_slowloris_headers_are_cut_off_while_others_are_served(edge: Sidecar) ->
     started = time.monotonic()
 
     def trickle() -> None:
-        for byte in b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 50:
+        for byte in (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: "
+                     + b"a" * 50):
             if stop.is_set():
                 return
             try:
@@ -90,7 +92,7 @@ def test_slowloris_headers_are_cut_off_while_others_are_served(edge: Sidecar) ->
 def test_slow_body_gets_408_and_the_connection_closed(edge: Sidecar) -> None:
     body = orjson.dumps({"model": "gpt-test", "messages": USER})
     with socket.create_connection(address(edge)) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                      b"Content-Type: application/json\r\n"
                      b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body[:10])
         started = time.monotonic()
@@ -141,6 +143,38 @@ def test_body_size_counts_after_decompression(edge: Sidecar, upstream: MockUpstr
     assert fine.status_code == 200
 
 
+def announce(sidecar: Sidecar, length: int) -> socket.socket:
+    sock = socket.create_connection(address(sidecar))
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                 b"Content-Type: application/json\r\nExpect: 100-continue\r\n"
+                 b"Content-Length: " + str(length).encode() + b"\r\n\r\n")
+    sock.settimeout(3)
+    return sock
+
+
+def test_an_announced_body_over_the_limit_is_413_at_once_without_100_continue(
+        edge: Sidecar, upstream: MockUpstream) -> None:
+    with announce(edge, 100_000) as sock:
+        try:
+            answer = sock.recv(65536)
+        except TimeoutError:
+            pytest.fail("no answer before the body was sent")
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:80]
+    assert b"100 Continue" not in answer
+    assert b'"code":"request_too_large"' in answer
+    assert upstream.requests == []
+    assert served(edge)
+
+
+def test_an_announced_body_within_the_limit_gets_100_continue_and_is_served(
+        edge: Sidecar) -> None:
+    body = orjson.dumps({"model": "gpt-test", "messages": USER})
+    with announce(edge, len(body)) as sock:
+        assert sock.recv(65536).startswith(b"HTTP/1.1 100 Continue")
+        sock.sendall(body)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+
+
 def test_open_connections_are_capped(edge: Sidecar) -> None:
     sockets = [socket.create_connection(address(edge)) for _ in range(20)]
     try:
@@ -149,7 +183,7 @@ def test_open_connections_are_capped(edge: Sidecar) -> None:
         for sock in sockets:
             sock.settimeout(0.5)
             try:
-                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
                 if sock.recv(1024) == b"":
                     refused += 1
             except (ConnectionResetError, BrokenPipeError):
