@@ -55,7 +55,8 @@ def test_port_in_use_is_a_clear_error(sidecar: Sidecar, tmp_path: Path) -> None:
     config = tmp_path / "c.toml"
     config.write_text((ROOT / "config" / "sidecar.toml").read_text())
     result = subprocess.run([sys.executable, "-m", "sidecar", "serve", "--config", str(config),
-                             "--port", port], cwd=ROOT, capture_output=True, text=True, timeout=30)
+                             "--port", port], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr
