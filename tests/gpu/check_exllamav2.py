@@ -59,7 +59,7 @@ def build_model(work: Path) -> tuple[Path, bool]:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     sys.path.insert(0, str(ROOT))
-    from sidecar.engines.models import save_model_dir
+    from sidecar.engines.convert import save_model_dir
 
     config = AutoConfig.from_pretrained(model)
     torch.manual_seed(0)
