@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from sidecar.errors import ForbiddenField, InvalidRequest
@@ -12,7 +14,7 @@ from sidecar.protocol.requests import (
     decode_body,
     validate,
 )
-from sidecar.protocol.sse import EventSplitter
+from sidecar.protocol.sse import EventSplitter, EventTooLarge
 
 
 def chat(**fields: object) -> dict[str, object]:
@@ -38,8 +40,12 @@ class TestEventSplitter:
 
     def test_crlf_line_endings_even_when_split_between_cr_and_lf(self) -> None:
         splitter = EventSplitter()
-        assert splitter.feed(b"data: 1\r\n\r") == []
-        assert splitter.feed(b"\ndata: 2\r\n\r\n") == [b"1", b"2"]
+        # The CR already ends the empty line; the LF after it belongs to it, and starts none.
+        assert splitter.feed(b"data: 1\r\n\r") == [b"1"]
+        assert splitter.feed(b"\ndata: 2\r\n\r\n") == [b"2"]
+        assert splitter.feed(b"data: 3\r") == []
+        assert splitter.feed(b"\n") == []
+        assert splitter.feed(b"\r\n") == [b"3"]
 
     def test_comments_and_other_fields_are_dropped(self) -> None:
         splitter = EventSplitter()
@@ -47,6 +53,45 @@ class TestEventSplitter:
 
     def test_multiline_data_is_joined_with_newline(self) -> None:
         assert EventSplitter().feed(b"data: a\ndata:b\n\n") == [b"a\nb"]
+
+    def test_separator_split_across_chunks_in_every_spelling(self) -> None:
+        for stream in (b"data: 1\n\ndata: 2\n\n", b"data: 1\r\n\r\ndata: 2\r\n\r\n",
+                       b"data: 1\r\rdata: 2\r\r"):
+            splitter = EventSplitter()
+            events = [event for byte in stream for event in splitter.feed(bytes([byte]))]
+            assert events == [b"1", b"2"], stream
+            assert not splitter.pending
+
+    def test_unfinished_event_over_the_limit_raises(self) -> None:
+        splitter = EventSplitter(max_event_bytes=1024)
+        assert splitter.feed(b"data: " + b"x" * 1000) == []
+        with pytest.raises(EventTooLarge):
+            splitter.feed(b"x" * 100)
+
+    def test_whole_event_over_the_limit_raises_with_the_events_before_it(self) -> None:
+        splitter = EventSplitter(max_event_bytes=1024)
+        with pytest.raises(EventTooLarge) as caught:
+            splitter.feed(b"data: 1\n\ndata: " + b"x" * 2000 + b"\n\n")
+        assert caught.value.events == [b"1"]
+
+    def test_event_at_the_limit_passes(self) -> None:
+        event = b"data: " + b"x" * 1018
+        assert EventSplitter(max_event_bytes=1024).feed(event[:500]) == []
+        splitter = EventSplitter(max_event_bytes=1024)
+        assert splitter.feed(event[:500]) == [] and splitter.feed(event[500:] + b"\n\n") == [
+            b"x" * 1018]
+
+    def test_a_long_unfinished_event_costs_time_in_proportion_to_its_bytes(self) -> None:
+        # 16 MiB in 4 KiB chunks: searched once, this takes milliseconds; re-copied or
+        # re-searched per chunk, it is some 32 GiB of work.
+        splitter = EventSplitter(max_event_bytes=32 << 20)
+        chunk = b"x" * 4096
+        started = time.perf_counter()
+        splitter.feed(b"data: ")
+        for _ in range(4096):
+            splitter.feed(chunk)
+        assert splitter.feed(b"\n\n") == [b"x" * (16 << 20)]
+        assert time.perf_counter() - started < 2.0
 
 
 class TestValidation:
