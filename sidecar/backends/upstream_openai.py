@@ -1,11 +1,14 @@
 """Any OpenAI-compatible upstream. The client's bytes go out and the upstream's come back;
-nothing is translated, so a proxied request costs little more than the socket work."""
+nothing is translated, so a proxied request costs little more than the socket work. Trusted no
+further: its answers are bounded in size as they arrive, its redirects are not followed, its
+Retry-After is bounded, and its words are scrubbed of the operator's key."""
 
 from __future__ import annotations
 
 import asyncio
 import email.utils
 import logging
+import math
 import random
 import time
 from collections.abc import AsyncGenerator
@@ -25,7 +28,8 @@ from sidecar.errors import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
-from sidecar.protocol.sse import DONE, EventSplitter
+from sidecar.protocol.sse import DONE, EventSplitter, EventTooLarge
+from sidecar.security.scrub import byte_forms, scrub, scrub_bytes, secrets_of
 
 log = logging.getLogger("sidecar.upstream")
 
@@ -38,6 +42,11 @@ _RETRYABLE_CONNECT = (
 _BACKOFF_BASE_S = 0.25
 _BACKOFF_CAP_S = 8.0
 _ERROR_BODY_LIMIT = 64 * 1024
+# An upstream asking for a longer wait is passed on as asking for this; the router rests a
+# target at most `routing.max_rest_s` whatever it asks.
+_RETRY_AFTER_CAP_S = 86_400.0
+# Upstream words quoted in a short field (an error's type, code or param, a Content-Type).
+_FIELD_CHARS = 100
 
 
 class OpenAIUpstream:
@@ -62,6 +71,11 @@ class OpenAIUpstream:
         if api_key is not None:
             headers["Authorization"] = f"Bearer {api_key.reveal()}"
         self._headers = headers
+        # What must never come back out of this upstream's answers: its key, and the values of
+        # the headers configured for it.
+        self._secrets = secrets_of(
+            [api_key.reveal() if api_key is not None else None, *settings.headers.values()])
+        self._secret_bytes = byte_forms(self._secrets)
         self._timeout = aiohttp.ClientTimeout(
             total=None,
             sock_connect=settings.timeout_connect_s,
@@ -77,6 +91,7 @@ class OpenAIUpstream:
             async with self._session.get(
                 f"{self._base}/models",
                 headers=self._headers,
+                allow_redirects=False,
                 timeout=aiohttp.ClientTimeout(total=self._settings.timeout_connect_s + 2),
             ) as response:
                 return response.status < 500
@@ -86,8 +101,10 @@ class OpenAIUpstream:
     async def complete(self, call: Call) -> bytes:
         response = await self._send(call)
         started = perf_counter()
+        whole = False
         try:
-            body = await response.read()
+            body = await self._read_body(response)
+            whole = True
         except aiohttp.SocketTimeoutError:
             raise self._read_timeout() from None
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
@@ -96,7 +113,12 @@ class OpenAIUpstream:
             ) from None
         finally:
             call.timing.upstream += perf_counter() - started
-            response.release()
+            # An answer cut short (too large, broken) takes its connection with it: the rest
+            # of it is never read, so the connection can never serve another request.
+            if whole:
+                response.release()
+            else:
+                response.close()
         # The length was checked by the HTTP client; this catches an HTML error page or a
         # proxy's banner without parsing every answer twice.
         if body[:1] != b"{" or body[-1:] != b"}":
@@ -107,17 +129,43 @@ class OpenAIUpstream:
             )
         return body
 
+    async def _read_body(self, response: aiohttp.ClientResponse) -> bytes:
+        """The whole answer, counted as it arrives after decompression (the HTTP client
+        inflates it for us): a few compressed kilobytes may inflate to gigabytes."""
+        limit = self._settings.max_response_bytes
+        length = response.content_length
+        if length is not None and length > limit and "Content-Encoding" not in response.headers:
+            raise self._too_large(limit)
+        content = response.content
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := await content.readany():
+            size += len(chunk)
+            if size > limit:
+                raise self._too_large(limit)
+            chunks.append(chunk)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def _too_large(self, limit: int) -> UpstreamError:
+        return UpstreamError(
+            f"The upstream `{self.name}` answered with more than {limit} bytes "
+            f"(providers.{self.name}.max_response_bytes)."
+        )
+
     async def stream(self, call: Call) -> AsyncGenerator[bytes, None]:
         response = await self._send(call)
         finished = False
         try:
             kind = response.headers.get("Content-Type", "")
             if not kind.startswith("text/event-stream"):
+                kind = scrub(kind[:_FIELD_CHARS], self._secrets)
                 raise UpstreamError(
                     f"The upstream `{self.name}` did not answer a streaming request with an "
                     f"event stream (Content-Type: {kind or 'none'})."
                 )
-            splitter = EventSplitter()
+            limit = self._settings.max_event_bytes
+            splitter = EventSplitter(limit)
+            secrets = self._secret_bytes
             content = response.content
             timing = call.timing
             heartbeat = self._heartbeat_s
@@ -142,11 +190,25 @@ class OpenAIUpstream:
                     raise UpstreamError(
                         f"The upstream `{self.name}` ended the stream without [DONE]."
                     )
-                for data in splitter.feed(chunk):
+                too_large = None
+                try:
+                    events = splitter.feed(chunk)
+                except EventTooLarge as exc:
+                    events, too_large = exc.events, exc
+                for data in events:
                     if data == DONE:
                         finished = True
                         return
+                    # An error event quotes the upstream's words, which may quote our key. (One
+                    # scan of each event; the answer's own content is passed on as it came.)
+                    if b'"error"' in data:
+                        data = scrub_bytes(data, secrets, shapes=True)
                     yield data
+                if too_large is not None:
+                    raise UpstreamError(
+                        f"The upstream `{self.name}` sent a stream event of more than {limit} "
+                        f"bytes (providers.{self.name}.max_event_bytes)."
+                    )
         finally:
             # A stream we leave early (client gone, error) drops the connection, which is
             # how the upstream learns to stop generating.
@@ -162,8 +224,11 @@ class OpenAIUpstream:
         while True:
             started = perf_counter()
             try:
+                # A redirect is never followed: it would re-send the prompt, and the configured
+                # headers, to a host the operator never named.
                 response = await self._session.post(
-                    url, data=call.body, headers=headers, timeout=self._timeout
+                    url, data=call.body, headers=headers, timeout=self._timeout,
+                    allow_redirects=False,
                 )
             except aiohttp.SocketTimeoutError:
                 call.timing.upstream += perf_counter() - started
@@ -182,11 +247,18 @@ class OpenAIUpstream:
             else:
                 call.timing.upstream += perf_counter() - started
                 status = response.status
-                if status < 400:
+                if status < 300:
                     return response
-                error = await self._status_error(response)
-                retryable = status == 429 or status >= 500
+                if status < 400:
+                    response.close()
+                    # The Location is not quoted: it may carry a token in its query.
+                    raise UpstreamError(
+                        f"The upstream `{self.name}` answered HTTP {status}, a redirect, which "
+                        f"the sidecar does not follow; check providers.{self.name}.base_url."
+                    )
                 asked = _retry_after(response.headers)
+                error = await self._status_error(response, asked)
+                retryable = status == 429 or status >= 500
                 delay = _backoff(attempt) if asked is None else asked
                 if (
                     not retryable
@@ -206,7 +278,8 @@ class OpenAIUpstream:
             await asyncio.sleep(delay)
             call.timing.upstream += perf_counter() - waited
 
-    async def _status_error(self, response: aiohttp.ClientResponse) -> SidecarError:
+    async def _status_error(self, response: aiohttp.ClientResponse,
+                            asked: float | None) -> SidecarError:
         status = response.status
         try:
             raw = await response.content.read(_ERROR_BODY_LIMIT)
@@ -214,11 +287,11 @@ class OpenAIUpstream:
             raw = b""
         finally:
             response.close()
-        upstream = _openai_error(raw)
+        upstream = {key: scrub(str(value), self._secrets)
+                    for key, value in _openai_error(raw).items() if value is not None}
         headers = {}
-        retry_after = response.headers.get("Retry-After")
-        if retry_after is not None:
-            headers["Retry-After"] = retry_after
+        if asked is not None:  # as a number the client can use, whatever the upstream wrote
+            headers["Retry-After"] = str(math.ceil(asked))
         if status in (401, 403):
             # The operator's credentials were refused; that is not the client's doing, and the
             # upstream's wording may quote part of the key.
@@ -234,10 +307,10 @@ class OpenAIUpstream:
             message = upstream.get("message") or f"The upstream `{self.name}` answered {status}."
             return UpstreamStatus(
                 status,
-                str(message),
-                str(upstream.get("type") or _default_type(status)),
-                param=_opt_str(upstream.get("param")),
-                code=_opt_str(upstream.get("code")),
+                message,
+                upstream.get("type", "")[:_FIELD_CHARS] or _default_type(status),
+                param=_field(upstream.get("param")),
+                code=_field(upstream.get("code")),
                 headers=headers,
             )
         detail = upstream.get("message")
@@ -270,25 +343,32 @@ def _backoff(attempt: int) -> float:
 
 
 def _retry_after(headers: Any) -> float | None:
-    """Seconds to wait from `retry-after-ms` or `Retry-After` (seconds or an HTTP date)."""
+    """Seconds to wait from `retry-after-ms` or `Retry-After` (seconds or an HTTP date), at
+    most a day; None when neither says a number of seconds we can use (junk, negative, not
+    finite), so the caller's own backoff applies."""
     value = headers.get("retry-after-ms")
     if value is not None:
-        try:
-            return max(0.0, float(value) / 1000.0)
-        except ValueError:
-            pass
+        milliseconds = _seconds(value)
+        if milliseconds is not None:
+            return min(milliseconds / 1000.0, _RETRY_AFTER_CAP_S)
     value = headers.get("Retry-After")
     if value is None:
         return None
+    seconds = _seconds(value)
+    if seconds is None:
+        try:
+            seconds = max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+        except (TypeError, ValueError, IndexError, OverflowError, OSError):
+            return None
+    return min(seconds, _RETRY_AFTER_CAP_S)
+
+
+def _seconds(value: str) -> float | None:
     try:
-        return max(0.0, float(value))
+        number = float(value)
     except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
         return None
-    return max(0.0, when.timestamp() - time.time())
+    return number if math.isfinite(number) and number >= 0 else None
 
 
 def _openai_error(raw: bytes) -> dict[str, Any]:
@@ -313,5 +393,5 @@ def _default_type(status: int) -> str:
     return "invalid_request_error"
 
 
-def _opt_str(value: object) -> str | None:
-    return None if value is None else str(value)
+def _field(value: str | None) -> str | None:
+    return value if value is None else value[:_FIELD_CHARS]

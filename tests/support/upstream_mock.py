@@ -14,13 +14,23 @@ other field it does not understand:
     reset_after, stall_after    break or go silent after this many chunks
     no_done                     end the stream cleanly but without [DONE]
     pad                         pretty-print a JSON answer with whitespace around it
+    error_headers               more response headers for the error answer (with status)
+    echo_headers                the error's message quotes every request header received
+    redirect, redirect_status   answer a redirect (307 unless told) to this URL
+    gzip_bomb                   a gzip body inflating to this many bytes, then never end it
+    sse_flood                   a gzip stream: `flood_after` events, then this many bytes
+                                without an event separator, then never end it
+    error_event                 a stream: after its first chunk, an error event and the end
+Every request, whatever its method or path, is counted in `hits` (method, path).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +56,7 @@ class MockUpstream(ThreadedServer):
         self.requests: list[Seen] = []
         self.aborted: list[str] = []
         self.aborted_event = threading.Event()
+        self.hits: list[tuple[str, str]] = []
         self._counters: dict[str, int] = {}
 
     @property
@@ -63,6 +74,7 @@ class MockUpstream(ThreadedServer):
         self.requests.clear()
         self.aborted.clear()
         self.aborted_event.clear()
+        self.hits.clear()
         self._counters.clear()
 
     def count(self, path: str = "/v1/chat/completions") -> int:
@@ -70,7 +82,8 @@ class MockUpstream(ThreadedServer):
 
     @web.middleware
     async def _watch(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        """Records each request the sidecar abandons before its answer is complete."""
+        """Records each request, and each the sidecar abandons before its answer is complete."""
+        self.hits.append((request.method, request.path))
         try:
             return await handler(request)  # type: ignore[no-any-return]
         except (asyncio.CancelledError, ConnectionResetError):
@@ -100,15 +113,21 @@ class MockUpstream(ThreadedServer):
             assert request.transport is not None
             request.transport.abort()
             raise asyncio.CancelledError
+        if mock.get("redirect"):
+            return body, web.Response(status=int(mock.get("redirect_status", 307)),
+                                      headers={"Location": str(mock["redirect"])})
+        if mock.get("gzip_bomb"):
+            return body, await _hold_open(request, _gzip_bomb(int(mock["gzip_bomb"])),
+                                          "application/json")
         if mock.get("status"):
             status = int(mock["status"])
             error = mock.get("error") or {
-                "message": f"mock error {status}",
+                "message": f"mock error {status}" + _echo(request, mock),
                 "type": "server_error" if status >= 500 else "invalid_request_error",
                 "param": None,
                 "code": None,
             }
-            headers = {}
+            headers = {str(k): str(v) for k, v in (mock.get("error_headers") or {}).items()}
             if mock.get("retry_after") is not None:
                 headers["Retry-After"] = str(mock["retry_after"])
             return body, web.json_response({"error": error}, status=status, headers=headers)
@@ -179,6 +198,12 @@ class MockUpstream(ThreadedServer):
                       tool_call: dict[str, Any] | None, make: Any) -> web.StreamResponse:
         mock = body.get("mock") or {}
         words = _split(text, int(mock["chunks"]) if mock.get("chunks") else None)
+        if mock.get("sse_flood"):
+            events = b"".join(b"data: " + orjson.dumps(make(body, word, first=(i == 0)))
+                              + b"\n\n" for i, word in enumerate(words[:mock.get("flood_after",
+                                                                                  0)]))
+            return await _hold_open(request, _sse_flood(events, int(mock["sse_flood"])),
+                                    "text/event-stream")
         delay = float(mock.get("chunk_delay", 0))
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
@@ -196,6 +221,12 @@ class MockUpstream(ThreadedServer):
                 await asyncio.sleep(3600)
             piece["sent_ns"] = time.monotonic_ns()
             await response.write(b"data: " + orjson.dumps(piece) + b"\n\n")
+            if mock.get("error_event"):
+                error = {"message": "mock error mid-stream" + _echo(request, mock),
+                         "type": "server_error", "param": None, "code": None}
+                await response.write(b"data: " + orjson.dumps({"error": error}) + b"\n\n")
+                await response.write_eof()
+                return response
             if delay:
                 await asyncio.sleep(delay)
         finish = "tool_calls" if tool_call is not None else "stop"
@@ -207,6 +238,47 @@ class MockUpstream(ThreadedServer):
             await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
+
+
+def _echo(request: web.Request, mock: dict[str, Any]) -> str:
+    """What an upstream that quotes the request it got would add to its error message."""
+    if not mock.get("echo_headers"):
+        return ""
+    return "; you sent " + ", ".join(f"{k}: {v}" for k, v in request.headers.items())
+
+
+async def _hold_open(request: web.Request, compressed: bytes, kind: str) -> web.StreamResponse:
+    """Send gzip bytes as they are, then keep the connection open until the reader leaves."""
+    response = web.StreamResponse(headers={"Content-Type": kind, "Content-Encoding": "gzip"})
+    await response.prepare(request)
+    for start in range(0, len(compressed), 64 * 1024):
+        await response.write(compressed[start:start + 64 * 1024])
+    await asyncio.sleep(3600)
+    return response
+
+
+def _gzip_bomb(size: int) -> bytes:
+    """A JSON object padded with spaces to about `size` bytes, gzipped: 1/1000 of that."""
+    return _gzip_then(b'{"pad": "', b" ", size >> 20)
+
+
+def _sse_flood(events: bytes, size: int) -> bytes:
+    """Whole events (flushed, so they arrive at once), then about `size` bytes of one
+    `data:` line that never ends."""
+    return _gzip_then(events + b"data: ", b"x", size >> 20)
+
+
+def _gzip_then(prefix: bytes, byte: bytes, mebibytes: int) -> bytes:
+    packer = zlib.compressobj(6, wbits=31)
+    return packer.compress(prefix) + packer.flush(zlib.Z_SYNC_FLUSH) + _deflated(byte) * mebibytes
+
+
+@functools.lru_cache(maxsize=4)
+def _deflated(byte: bytes) -> bytes:
+    """A MiB of one byte as deflate blocks that refer to nothing before them and do not end
+    the stream: any number of copies may follow any flushed deflate stream."""
+    packer = zlib.compressobj(6, wbits=-15)
+    return packer.compress(byte * (1 << 20)) + packer.flush(zlib.Z_SYNC_FLUSH)
 
 
 def _json(obj: dict[str, Any], pad: bool = False) -> web.Response:
