@@ -1,6 +1,8 @@
 """Health-aware choice: targets that keep failing rest for a while, fallbacks are tried in
 weight order before the first byte, and a retry budget keeps a failing upstream from
-multiplying the load."""
+multiplying the load. No upstream decides alone how long a target rests (at most
+`routing.max_rest_s`), and the reasons kept for the admin API, the log and the next client's
+503 are scrubbed of anything shaped like a credential."""
 
 from __future__ import annotations
 
@@ -16,8 +18,11 @@ from sidecar.errors import (
     UpstreamStatus,
 )
 from sidecar.routing.table import Route, Target
+from sidecar.security.scrub import scrub
 
 log = logging.getLogger("sidecar.routing")
+# A rest reason is an upstream's error code or type: a word, not a message.
+_REASON_CHARS = 100
 
 
 class RetryBudget:
@@ -138,23 +143,24 @@ class Router:
             return False
         state = self._targets.setdefault(target.label, TargetHealth())
         state.failures += 1
-        state.reason = error.code or error.type
+        state.reason = _reason(error.code or error.type)
         asked = _retry_after(error)
         now = time.monotonic()
         if asked is not None and error.status == 429:
-            state.resting_until = now + asked
+            rest = asked
         elif state.failures >= self.settings.failures_before_cooldown:
-            state.resting_until = now + (asked or self.settings.cooldown_s)
+            rest = asked or self.settings.cooldown_s
         else:
             return True
+        state.resting_until = now + min(rest, self.settings.max_rest_s)
         state.failures = 0
         log.warning("target resting", extra={"fields": {
             "target": target.label, "seconds": round(state.resting_until - now, 3),
-            "reason": error.code or error.type}})
+            "reason": state.reason}})
         return True
 
     def provider_down(self, provider: str, seconds: float, reason: str) -> None:
-        self._providers_down[provider] = (time.monotonic() + seconds, reason)
+        self._providers_down[provider] = (time.monotonic() + seconds, _reason(reason))
 
     def provider_up(self, provider: str) -> None:
         self._providers_down.pop(provider, None)
@@ -178,10 +184,17 @@ def blames_target(error: SidecarError) -> bool:
 
 
 def _retry_after(error: SidecarError) -> float | None:
+    """The seconds an error's Retry-After asks for; None unless a finite number >= 0 (a
+    backend passes on numbers only, but this is the last word before a rest is set)."""
     value = error.headers.get("Retry-After")
     if value is None:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
         return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+
+
+def _reason(text: str) -> str:
+    return scrub(text[:_REASON_CHARS])

@@ -83,10 +83,13 @@ class RouteSync:
         state = self._state
         async with state.lock:
             try:
+                # Checked as a change made here is: a signed message may still come from a
+                # sidecar of another version, or with another config.
                 before, after = self._table.update(model, targets)
             except InvalidRequest as exc:
                 log.warning("shared route change does not fit this config; ignored",
-                            extra={"fields": {"model": model, "reason": exc.message}})
+                            extra={"fields": {"model": str(model)[:100],
+                                              "reason": exc.message}})
                 return
             state.changed[model] = after
             await asyncio.to_thread(state.write)

@@ -1,5 +1,6 @@
 """Live weight changes, kept in a state file of our own (the operator's TOML is never
-rewritten) and applied again at start."""
+rewritten) and applied again at start. The file is checked as the admin API checks a change:
+an entry that does not pass is reported and ignored, and the TOML's weights stand."""
 
 from __future__ import annotations
 
@@ -35,18 +36,24 @@ class RouteState:
             log.error("route state file is not JSON; ignoring it",
                       extra={"fields": {"path": str(self.path)}})
             return {}
-        return saved if isinstance(saved, dict) else {}
+        if not isinstance(saved, dict):
+            log.error("route state file is not a JSON object; ignoring it",
+                      extra={"fields": {"path": str(self.path)}})
+            return {}
+        return saved
 
     def apply(self, table: RouteTable, saved: dict[str, Any]) -> None:
         for model, targets in saved.items():
             try:
-                table.update(model, targets if isinstance(targets, list) else [])
+                _, after = table.update(model, targets)
             except InvalidRequest as exc:
-                # The config changed since (a provider or model removed): the config wins.
-                log.warning("saved routes no longer fit the config; ignored",
-                            extra={"fields": {"model": model, "reason": exc.message}})
+                # The config changed since (a provider or model removed), or the file was
+                # damaged or edited by hand: the config wins.
+                log.warning("saved routes do not fit the config; ignored",
+                            extra={"fields": {"model": model[:100], "path": str(self.path),
+                                              "reason": exc.message}})
                 continue
-            self.changed[model] = targets
+            self.changed[model] = after
 
     def write(self) -> None:
         """Atomically replace the state file. Writes a file: call it from a thread."""

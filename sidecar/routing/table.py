@@ -12,6 +12,10 @@ from typing import Any
 from sidecar.config import LocalProviderSettings, Settings
 from sidecar.errors import InvalidRequest
 
+# The largest weight a target may have, as in the TOML (TargetSettings.weight): a route's
+# weights must add up to a finite number, or every pick would fail.
+MAX_WEIGHT = 1_000_000
+
 
 @dataclass(frozen=True, slots=True)
 class Target:
@@ -115,15 +119,21 @@ class RouteTable:
     def to_json(self) -> dict[str, list[dict[str, Any]]]:
         return {name: [t.to_json() for t in route.targets] for name, route in self._routes.items()}
 
-    def update(self, model: str, changes: list[Mapping[str, Any]]) -> tuple[list[Any], list[Any]]:
+    def update(self, model: object, changes: object) -> tuple[list[Any], list[Any]]:
         """Change weights and fallback_only of a model's existing targets, all or nothing.
 
         Each change names a target by `provider` (and `model` when a provider serves several)
-        and sets `weight` and/or `fallback_only`. Returns (before, after) as JSON.
+        and sets `weight` and/or `fallback_only`. Returns (before, after) as JSON. Whatever
+        the change's source (the admin API, the state file, another sidecar), anything else
+        is an InvalidRequest that names the field.
         """
+        if not isinstance(model, str):
+            raise InvalidRequest("`model` must name a public model.", param="model")
         route = self._routes.get(model)
         if route is None:
             raise InvalidRequest(f"There is no model `{model}` to change.", param="model")
+        if not isinstance(changes, list):
+            raise InvalidRequest("`targets` must be a list of changes.", param="targets")
         targets = list(route.targets)
         for i, change in enumerate(changes):
             where = f"targets[{i}]"
@@ -134,9 +144,11 @@ class RouteTable:
                 raise InvalidRequest(f"`{where}` has unknown fields: {', '.join(sorted(unknown))}.",
                                      param=where)
             provider = change.get("provider")
-            if provider not in self._providers:
-                raise InvalidRequest(f"`{where}.provider`: unknown provider {provider!r}.",
+            if not isinstance(provider, str) or provider not in self._providers:
+                raise InvalidRequest(f"`{where}.provider`: unknown provider {provider!r:.100}.",
                                      param=f"{where}.provider")
+            if not isinstance(change.get("model", ""), str):
+                raise InvalidRequest(f"`{where}.model` must be a string.", param=f"{where}.model")
             matches = [j for j, t in enumerate(targets) if t.provider == provider
                        and ("model" not in change or t.model == change["model"])]
             if len(matches) != 1:
@@ -145,9 +157,12 @@ class RouteTable:
                     f"(found {len(matches)}); add `model` to tell them apart.", param=where)
             current = targets[matches[0]]
             weight = change.get("weight", current.weight)
-            if isinstance(weight, bool) or not isinstance(weight, int | float) or weight < 0:
-                raise InvalidRequest(f"`{where}.weight` must be a number >= 0.",
-                                     param=f"{where}.weight")
+            # `not 0 <= weight` also refuses NaN, which no comparison holds for.
+            if isinstance(weight, bool) or not isinstance(weight, int | float) \
+                    or not 0 <= weight <= MAX_WEIGHT:
+                raise InvalidRequest(
+                    f"`{where}.weight` must be a number from 0 to {MAX_WEIGHT}.",
+                    param=f"{where}.weight")
             fallback_only = change.get("fallback_only", current.fallback_only)
             if not isinstance(fallback_only, bool):
                 raise InvalidRequest(f"`{where}.fallback_only` must be true or false.",
