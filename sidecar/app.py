@@ -1,12 +1,14 @@
-"""The application factory: parts are built in cleanup contexts, in order (HTTP session, auth
-keys, upstreams), and torn down in reverse; nothing lives at module level."""
+"""The application factory: each part is built in a cleanup context of its own, in order (HTTP
+session, auth keys, Redis, cache, backends, the gateway, the probe, route sync, model loads),
+and torn down in reverse; nothing lives at module level."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -15,6 +17,7 @@ from aiohttp import web
 from sidecar.api import admin, admin_engines, health, openai
 from sidecar.api.middleware import Guard, make_middleware
 from sidecar.appkeys import (
+    BACKENDS,
     CACHE,
     CACHE_SECRET,
     GATEWAY,
@@ -30,6 +33,7 @@ from sidecar.appkeys import (
 from sidecar.backends.base import Backend
 from sidecar.backends.local import LocalBackend
 from sidecar.backends.upstream_openai import OpenAIUpstream
+from sidecar.cache.answers import AnswerCache
 from sidecar.cache.memory import MemoryCache
 from sidecar.cache.redis_tier import RedisTier
 from sidecar.cache.response_cache import ResponseCache
@@ -62,11 +66,14 @@ def create_app(settings: Settings, log_writer: LineWriter | None = None) -> web.
     app.cleanup_ctx.append(_auth_keys)
     app.cleanup_ctx.append(_redis)
     app.cleanup_ctx.append(_cache)
-    app.cleanup_ctx.append(_upstreams)
+    app.cleanup_ctx.append(_backends)
+    app.cleanup_ctx.append(_gateway)
+    app.cleanup_ctx.append(_probe)
+    app.cleanup_ctx.append(_route_sync)
+    app.cleanup_ctx.append(_model_loads)
     app.on_startup.append(_mark_started)
     app.on_shutdown.append(_mark_draining)
     app[ROUTE_STATE] = RouteState(settings.routing.state_file)
-    app[CACHE] = None
     # Keys are HMACs under a secret nobody else has, so nobody can compute another tenant's
     # key: one shared by the fleet when Redis is shared, otherwise one of this process.
     secret = settings.cache_secret
@@ -121,6 +128,7 @@ async def _redis(app: web.Application) -> AsyncIterator[None]:
 
 async def _cache(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS].cache
+    app[CACHE] = None
     if settings.enabled:
         app[CACHE] = ResponseCache(MemoryCache(settings.memory_items, settings.ttl_s),
                                    settings.ttl_s, app[REDIS], settings.lock_s,
@@ -128,11 +136,13 @@ async def _cache(app: web.Application) -> AsyncIterator[None]:
     yield
 
 
-async def _upstreams(app: web.Application) -> AsyncIterator[None]:
-    """One pooled keep-alive client session per upstream origin, shared by its providers."""
+async def _backends(app: web.Application) -> AsyncIterator[None]:
+    """A backend per provider: local engines, and upstreams on one pooled keep-alive client
+    session per origin, shared by the providers there."""
     settings = app[SETTINGS]
     sessions: dict[str, aiohttp.ClientSession] = {}
     backends: dict[str, Backend] = {}
+    app[BACKENDS] = backends
     try:
         for name, provider in settings.providers.items():
             if isinstance(provider, LocalProviderSettings):
@@ -150,40 +160,11 @@ async def _upstreams(app: web.Application) -> AsyncIterator[None]:
                     enable_cleanup_closed=True,
                 )
                 # Requests are sent as the client wrote them; the sidecar adds no cookies.
-                session = aiohttp.ClientSession(
-                    connector=connector,
-                    cookie_jar=aiohttp.DummyCookieJar(),
-                )
-                sessions[origin] = session
-            backends[name] = OpenAIUpstream(
-                name,
-                provider,
-                settings.api_keys.get(name),
-                session,
-                settings.server.heartbeat_s,
-            )
-        table = RouteTable.from_settings(settings)
-        state = app[ROUTE_STATE]
-        state.apply(table, await asyncio.to_thread(state.read))
-        gateway = app[GATEWAY] = Gateway(table, backends, Router(settings.routing))
-        interval = settings.routing.probe_interval_s
-        tasks = [asyncio.create_task(_probe(gateway, interval), name="probe")] if interval else []
-        sync = app[ROUTE_SYNC] = None
-        if settings.cache.redis_url:  # a fleet on one Redis is steered as one
-            sync = app[ROUTE_SYNC] = RouteSync(settings.cache.redis_url, table, state,
-                                               settings.cache.timeout_ms / 1000,
-                                               app[CACHE_SECRET])
-            tasks.append(asyncio.create_task(sync.run(), name="route-sync"))
-        # Models load in the background: /healthz answers at once, /readyz once they are in.
-        tasks += [asyncio.create_task(_load(b), name=f"load-{b.name}")
-                  for b in backends.values() if isinstance(b, LocalBackend)]
+                session = sessions[origin] = aiohttp.ClientSession(
+                    connector=connector, cookie_jar=aiohttp.DummyCookieJar())
+            backends[name] = OpenAIUpstream(name, provider, settings.api_keys.get(name),
+                                            session, settings.server.heartbeat_s)
         yield
-        for task in tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        if sync is not None:
-            await sync.close()
     finally:
         for backend in backends.values():
             await backend.close()
@@ -191,12 +172,75 @@ async def _upstreams(app: web.Application) -> AsyncIterator[None]:
             await session.close()
 
 
+async def _gateway(app: web.Application) -> AsyncIterator[None]:
+    """The request path: the route table (with the live weights kept in the state file), the
+    router, the token budget and the cache."""
+    settings = app[SETTINGS]
+    table = RouteTable.from_settings(settings)
+    state = app[ROUTE_STATE]
+    state.apply(table, await asyncio.to_thread(state.read))
+    cache = app[CACHE]
+    answers = AnswerCache(cache, settings.cache, app[CACHE_SECRET]) if cache else None
+    backends = app[BACKENDS]
+    app[GATEWAY] = Gateway(table, backends, Router(settings.routing), app[LIMITER], answers)
+    yield
+
+
+async def _probe(app: web.Application) -> AsyncIterator[None]:
+    interval = app[SETTINGS].routing.probe_interval_s
+    async with _running(_probing(app[GATEWAY], interval) if interval else None, "probe"):
+        yield
+
+
+async def _route_sync(app: web.Application) -> AsyncIterator[None]:
+    """A fleet on one Redis is steered as one: weight changes reach every sidecar."""
+    settings = app[SETTINGS]
+    app[ROUTE_SYNC] = None
+    if not settings.cache.redis_url:
+        yield
+        return
+    sync = app[ROUTE_SYNC] = RouteSync(settings.cache.redis_url, app[GATEWAY].routes,
+                                       app[ROUTE_STATE], settings.cache.timeout_ms / 1000,
+                                       app[CACHE_SECRET])
+    try:
+        async with _running(sync.run(), "route-sync"):
+            yield
+    finally:
+        await sync.close()
+
+
+async def _model_loads(app: web.Application) -> AsyncIterator[None]:
+    """Models load in the background: /healthz answers at once, /readyz once they are in."""
+    tasks = [asyncio.create_task(_load(b), name=f"load-{b.name}")
+             for b in app[BACKENDS].values() if isinstance(b, LocalBackend)]
+    yield
+    for task in tasks:
+        await _cancelled(task)
+
+
+@contextlib.asynccontextmanager
+async def _running(work: Coroutine[Any, Any, None] | None, name: str) -> AsyncIterator[None]:
+    """`work` as a task for as long as the block runs, then cancelled."""
+    task = asyncio.create_task(work, name=name) if work is not None else None
+    try:
+        yield
+    finally:
+        if task is not None:
+            await _cancelled(task)
+
+
+async def _cancelled(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 async def _load(backend: LocalBackend) -> None:
     with contextlib.suppress(Exception):  # a failed load is logged, and /readyz says so
         await backend.engine.load(backend.settings.model)
 
 
-async def _probe(gateway: Gateway, interval: float) -> None:
+async def _probing(gateway: Gateway, interval: float) -> None:
     """Ask every backend, every `interval`, whether it answers at all; one that does not
     gets no traffic until it does."""
     names = list(gateway.backends)

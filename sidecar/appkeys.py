@@ -8,6 +8,7 @@ import aiohttp
 from aiohttp import web
 
 if TYPE_CHECKING:
+    from sidecar.backends.base import Backend
     from sidecar.gateway import Gateway, Readiness
     from sidecar.routing.shared import RouteSync
 
@@ -27,6 +28,7 @@ ROUTE_STATE = web.AppKey("route_state", RouteState)
 CACHE: web.AppKey[ResponseCache | None] = web.AppKey("cache")
 CACHE_SECRET = web.AppKey("cache_secret", bytes)
 REDIS: web.AppKey[RedisTier | None] = web.AppKey("redis")
+BACKENDS: web.AppKey[dict[str, Backend]] = web.AppKey("backends")
 GATEWAY: web.AppKey[Gateway] = web.AppKey("gateway")
 READINESS: web.AppKey[Readiness] = web.AppKey("readiness")
 ROUTE_SYNC: web.AppKey[RouteSync | None] = web.AppKey("route_sync")

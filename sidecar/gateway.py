@@ -1,13 +1,89 @@
-"""The parts a request needs on its way through: the route table and the backends."""
+"""The one request path every front door uses, whatever protocol it speaks.
+
+A front door parses its protocol into an `Exchange` and calls `Gateway.open`; the path checks
+the model allow-list, reserves the tenant's token budget, answers from the cache or reaches a
+target (a weighted healthy one; spill-over; fallback before the first byte inside one retry
+budget), and returns an `Answer`, leaving a record of what happened on the request's context.
+The front door writes the answer in its protocol and closes it. The path never writes to the
+client, and knows nothing of HTTP beyond the headers it may read.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from time import perf_counter
+from typing import TYPE_CHECKING, Any
 
-from sidecar.backends.base import Backend
+import orjson
+
+from sidecar.backends.base import Backend, Call
+from sidecar.errors import ModelNotFound, SidecarError, Spillable
 from sidecar.routing.router import Router
-from sidecar.routing.table import RouteTable
+from sidecar.routing.table import Route, RouteTable, Target
+from sidecar.security.jwt import Forbidden
+from sidecar.security.limits import Budget, Limiter, SharedBudget
+
+if TYPE_CHECKING:
+    from sidecar.cache.answers import AnswerCache
+    from sidecar.observability.record import RequestRecord
+    from sidecar.observability.timing import RequestContext
+
+
+class Exchange:
+    """One client request as the path sees it. `body` is the client's own bytes: a target
+    that speaks the front door's protocol receives them with only `model` rewritten."""
+
+    __slots__ = ("body", "cacheable", "choices", "context", "endpoint", "headers",
+                 "include_usage", "max_output_tokens", "model", "payload", "stream")
+
+    def __init__(self, endpoint: str, body: bytes, payload: dict[str, Any], model: str,
+                 context: RequestContext, headers: Mapping[str, str]) -> None:
+        self.endpoint = endpoint  # "chat/completions", "completions" or "embeddings"
+        self.body = body
+        self.payload = payload
+        self.model = model  # the public model name asked for
+        self.context = context
+        self.headers = headers  # the request's headers (Cache-Control)
+        self.stream = False
+        self.include_usage = False  # a stream's last chunk carries usage
+        # For the token budget: the answer's length limit (None: the configured default;
+        # 0: the endpoint generates nothing) and how many choices it generates.
+        self.max_output_tokens: int | None = 0
+        self.choices = 1
+        self.cacheable = True
+
+    def body_for(self, target: Target) -> bytes:
+        if target.model == self.model:
+            return self.body
+        self.payload["model"] = target.model
+        return orjson.dumps(self.payload)
+
+
+class Answer:
+    """What the path produced: a whole JSON body, or a stream's first event and the rest.
+    Every backend answers in OpenAI's form today (`protocol`); a front door of another
+    protocol translates through sidecar/protocol/openai_chat.py. `close` must be called once
+    the answer is written (or abandoned): it closes the stream and settles the token budget."""
+
+    __slots__ = ("_settle", "body", "events", "first", "from_cache", "headers", "protocol")
+
+    def __init__(self, body: bytes = b"", events: AsyncGenerator[bytes, None] | None = None,
+                 first: bytes | None = None) -> None:
+        self.body = body
+        self.events = events  # None for a JSON answer
+        self.first = first  # a stream's first event; None for a stream with no event
+        self.headers: dict[str, str] = {}
+        self.protocol = "openai"
+        self.from_cache = False
+        self._settle: Callable[[], None] | None = None
+
+    async def close(self) -> None:
+        if self.events is not None:
+            await self.events.aclose()
+        settle, self._settle = self._settle, None
+        if settle is not None:
+            settle()
 
 
 @dataclass(slots=True)
@@ -15,6 +91,173 @@ class Gateway:
     routes: RouteTable
     backends: Mapping[str, Backend]
     router: Router
+    limiter: Limiter
+    cache: AnswerCache | None = None
+
+    async def open(self, exchange: Exchange) -> Answer:
+        context = exchange.context
+        model = exchange.model
+        context.record.model = model
+        context.record.endpoint = exchange.endpoint
+        if not context.principal.may_use(model):
+            raise Forbidden(f"This token may not use the model `{model}`.",
+                            param="model", code="model_not_allowed")
+        route = self.routes.get(model)
+        if route is None:
+            raise ModelNotFound(
+                f"The model `{model}` does not exist or you do not have access to it.",
+                param="model")
+        if self.limiter.tokens is None:  # the common case: reach a target, or the cache
+            if self.cache is None or not exchange.cacheable:
+                return await self.reach(exchange, route)
+            return await self.cache.answer(exchange, lambda: self.reach(exchange, route))
+        return await self._within_budget(exchange, route)
+
+    async def _within_budget(self, exchange: Exchange, route: Route) -> Answer:
+        """The tenant's token budget: the prompt estimate and the answer's limit are reserved
+        first, and the reservation settled on the usage the answer reports (all of it comes
+        back when no target served the request; it stands when the usage is unknown)."""
+        limiter = self.limiter
+        tenant = exchange.context.principal.tenant
+        reserved = estimate_tokens(exchange, limiter.settings.default_max_tokens)
+        budget: Budget | SharedBudget
+        if limiter.shared_tokens is not None:
+            budget = limiter.shared_tokens
+            await budget.take(tenant, reserved)
+        else:
+            assert limiter.tokens is not None
+            budget = limiter.tokens
+            budget.take(tenant, reserved)
+        try:
+            if self.cache is None or not exchange.cacheable:
+                answer = await self.reach(exchange, route)
+            else:
+                answer = await self.cache.answer(exchange, lambda: self.reach(exchange, route))
+        except BaseException:
+            budget.give_back(tenant, reserved)
+            raise
+        record = exchange.context.record
+        if answer.from_cache:  # a hit spends no tokens
+            budget.give_back(tenant, reserved)
+            return answer
+        if answer.events is None:
+            record.usage = usage_of(answer.body)
+            used = record.usage[2] if record.usage is not None else reserved
+            budget.give_back(tenant, reserved - used)
+            return answer
+        answer.events = _metered(answer.events, record)
+
+        def settle() -> None:
+            used = record.usage[2] if record.usage is not None else reserved
+            budget.give_back(tenant, reserved - used)
+
+        answer._settle = settle
+        return answer
+
+    async def reach(self, exchange: Exchange, route: Route) -> Answer:
+        """Try targets until one answers (its first event, for a stream)."""
+        context = exchange.context
+        record = context.record
+        router = self.router
+        router.budget.deposit()
+        tried: list[Target] | None = None
+        spilled: list[Target] | None = None
+        # Local targets skipped, because the prompt is long.
+        skip = route.long_prompt(len(exchange.body) // 4) if route.prefer_local_below_tokens \
+            else None
+        if skip:
+            record.rule = "long_prompt"
+        while True:
+            target = router.pick(route, tried, skip)
+            call = Call(exchange.endpoint, exchange.body_for(target), context.request_id,
+                        context.timing, router.budget)
+            if target.local:
+                # A local engine that is loading keeps the request only if nothing else can.
+                call.patient = not (route.spill_over and router.has_candidate(
+                    route, [*(tried if tried is not None else skip or ()), target]))
+            backend = self.backends[target.provider]
+            try:
+                answer = await _first(backend, call, exchange.stream)
+            except SidecarError as exc:
+                after = [*(tried if tried is not None else skip or ()), target]
+                if isinstance(exc, Spillable):
+                    # Full or not ready: the next target, free of the retry budget.
+                    if route.spill_over and router.has_candidate(route, after):
+                        tried = after
+                        spilled = [*(spilled or ()), target]
+                        continue
+                    raise
+                if not router.failed(target, exc):
+                    raise
+                tried = after
+                if not router.has_candidate(route, tried) or not router.budget.withdraw():
+                    raise
+                continue
+            router.succeeded(target)
+            record.first_byte_s = perf_counter() - context.timing.start
+            record.target = target.label
+            headers = answer.headers
+            headers["X-Sidecar-Target"] = target.label
+            if tried:
+                failed = [t.label for t in tried if spilled is None or t not in spilled]
+                if failed:
+                    record.fallback_from = failed
+                    headers["X-Sidecar-Fallback-From"] = ", ".join(failed)
+            if spilled:
+                record.spill_over_from = [t.label for t in spilled]
+                headers["X-Sidecar-Spill-Over-From"] = ", ".join(record.spill_over_from)
+            return answer
+
+
+async def _first(backend: Backend, call: Call, stream: bool) -> Answer:
+    """A backend's whole answer, or its stream with the first event read: nothing is sent to
+    the client before that, so until then an error is a plain answer and another target may
+    still serve the request."""
+    if not stream:
+        return Answer(await backend.complete(call))
+    events = backend.stream(call)
+    try:
+        first: bytes | None = await anext(events)
+    except StopAsyncIteration:
+        first = None
+    except BaseException:
+        await events.aclose()
+        raise
+    return Answer(b"", events, first)
+
+
+async def _metered(events: AsyncGenerator[bytes, None], record: RequestRecord
+                   ) -> AsyncGenerator[bytes, None]:
+    """Pass a stream on, noting the usage its last chunk reports."""
+    try:
+        async for data in events:
+            if b'"usage":{' in data:
+                record.usage = usage_of(data)
+            yield data
+    finally:
+        await events.aclose()
+
+
+def estimate_tokens(exchange: Exchange, default_max_tokens: int) -> int:
+    """About four bytes of JSON per prompt token, plus the longest answer allowed."""
+    prompt = len(exchange.body) // 4
+    limit = exchange.max_output_tokens
+    if limit == 0:
+        return prompt
+    return prompt + (limit or default_max_tokens) * exchange.choices
+
+
+def usage_of(body: bytes) -> tuple[int, int, int] | None:
+    """`usage` of an OpenAI answer or chunk: prompt, completion and total tokens."""
+    try:
+        usage = orjson.loads(body).get("usage")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    if not isinstance(usage, dict) or not isinstance(usage.get("total_tokens"), int):
+        return None
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    return (prompt if isinstance(prompt, int) else 0,
+            completion if isinstance(completion, int) else 0, int(usage["total_tokens"]))
 
 
 @dataclass(slots=True)
@@ -27,3 +270,6 @@ class Readiness:
     @property
     def ready(self) -> bool:
         return self.started and not self.draining
+
+
+Fetch = Callable[[], Awaitable[Answer]]

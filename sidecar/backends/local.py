@@ -17,6 +17,9 @@ from sidecar.backends.base import HEARTBEAT, Call
 from sidecar.config import LocalProviderSettings
 from sidecar.engines.base import Params, ThreadedEngine
 from sidecar.errors import InvalidRequest
+from sidecar.protocol.chat import Event, Finish, TextDelta, Usage
+from sidecar.protocol.openai_chat import ChunkWriter, answer_json
+from sidecar.protocol.requests import Sampling, check_local_ranges, validate
 
 
 @dataclass(slots=True)
@@ -42,53 +45,34 @@ class LocalBackend:
     async def complete(self, call: Call) -> bytes:
         plan = await self._plan(call)
         job = await self.engine.submit(plan.prompt_ids, plan.params, wait=call.patient)
-        pieces: list[str] = []
+        events: list[Event] = []
         finish = "stop"
         tokens = 0
         started = perf_counter()
         try:
             async for delta in job.deltas():
                 assert delta is not None
-                pieces.append(delta.text)
+                events.append(TextDelta(delta.text))
                 tokens = delta.completion_tokens
                 if delta.finish_reason is not None:
                     finish = delta.finish_reason
         finally:
             job.cancel()  # a client gone mid-generation frees the slot
             call.timing.upstream += perf_counter() - started  # the model's time, not ours
-        text = "".join(pieces)
-        usage = _usage(len(plan.prompt_ids), tokens)
-        if plan.chat:
-            choice: dict[str, Any] = {
-                "index": 0,
-                "message": {"role": "assistant", "content": text, "refusal": None},
-                "logprobs": None, "finish_reason": finish,
-            }
-            kind, prefix = "chat.completion", "chatcmpl-"
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-            kind, prefix = "text_completion", "cmpl-"
-        return orjson.dumps({
-            "id": prefix + uuid.uuid4().hex[:24], "object": kind, "created": int(time.time()),
-            "model": plan.model, "choices": [choice], "usage": usage,
-            "system_fingerprint": self.fingerprint,
-        })
+        events += (Finish(finish), Usage(len(plan.prompt_ids), tokens))
+        head = self._head(plan, "chat.completion" if plan.chat else "text_completion")
+        return answer_json(head, plan.chat, events)
 
     async def stream(self, call: Call) -> AsyncGenerator[bytes, None]:
         plan = await self._plan(call)
         job = await self.engine.submit(plan.prompt_ids, plan.params, wait=call.patient)
         try:
-            head: dict[str, Any] = {
-                "id": ("chatcmpl-" if plan.chat else "cmpl-") + uuid.uuid4().hex[:24],
-                "object": "chat.completion.chunk" if plan.chat else "text_completion",
-                "created": int(time.time()), "model": plan.model,
-                "system_fingerprint": self.fingerprint,
-            }
+            head = self._head(plan, "chat.completion.chunk" if plan.chat else "text_completion")
             if plan.include_usage:
                 head["usage"] = None
-            chunk = _Chunks(head, plan.chat)
+            chunks = ChunkWriter(head, plan.chat)
             if plan.chat:  # OpenAI's first chunk names the role
-                yield chunk.delta({"role": "assistant", "content": "", "refusal": None})
+                yield chunks.role()
             tokens = 0
             timing = call.timing
             async with contextlib.aclosing(job.deltas(self.heartbeat_s)) as deltas:
@@ -105,14 +89,19 @@ class LocalBackend:
                         continue
                     tokens = delta.completion_tokens
                     if delta.text:
-                        yield chunk.text(delta.text)
+                        yield chunks.event(TextDelta(delta.text))
                     if delta.finish_reason is not None:
-                        yield chunk.finish(delta.finish_reason)
+                        yield chunks.event(Finish(delta.finish_reason))
             if plan.include_usage:
-                yield orjson.dumps({**head, "choices": [],
-                                    "usage": _usage(len(plan.prompt_ids), tokens)})
+                yield chunks.event(Usage(len(plan.prompt_ids), tokens))
         finally:
             job.cancel()
+
+    def _head(self, plan: Plan, kind: str) -> dict[str, Any]:
+        prefix = "chatcmpl-" if plan.chat else "cmpl-"
+        return {"id": prefix + uuid.uuid4().hex[:24], "object": kind,
+                "created": int(time.time()), "model": plan.model,
+                "system_fingerprint": self.fingerprint}
 
     async def probe(self) -> bool:
         """A hung engine is taken out of rotation; one that loads is not (it will answer)."""
@@ -126,7 +115,13 @@ class LocalBackend:
     async def _plan(self, call: Call) -> Plan:
         engine = self.engine
         if not engine.ready:  # the template and tokenizer come with the model
-            await engine.ensure_ready(call.patient)
+            waited = perf_counter()
+            try:
+                await engine.ensure_ready(call.patient)
+            finally:
+                # Waiting for a model to load is neither the sidecar's overhead nor the
+                # model's generation: it is logged as its own duration.
+                call.timing.model_wait += perf_counter() - waited
         return self.plan(call)
 
     def plan(self, call: Call) -> Plan:
@@ -137,6 +132,8 @@ class LocalBackend:
                 param="model", code="unsupported_endpoint")
         chat = call.endpoint == "chat/completions"
         _refuse_unsupported(payload, chat)
+        # Ranges an upstream may take but a model run here cannot (temperature over 2).
+        check_local_ranges(validate(payload, Sampling))
         engine = self.engine
         if chat:
             messages = _messages(payload["messages"])
@@ -177,37 +174,6 @@ class LocalBackend:
             seed=payload.get("seed"),
             stop=stops,
         )
-
-
-class _Chunks:
-    """OpenAI's stream chunks for one answer."""
-
-    __slots__ = ("chat", "head")
-
-    def __init__(self, head: dict[str, Any], chat: bool) -> None:
-        self.head = head
-        self.chat = chat
-
-    def delta(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-        return orjson.dumps({**self.head, "choices": [choice]})
-
-    def text(self, text: str) -> bytes:
-        if self.chat:
-            return self.delta({"content": text})
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": None}
-        return orjson.dumps({**self.head, "choices": [choice]})
-
-    def finish(self, reason: str) -> bytes:
-        if self.chat:
-            return self.delta({}, reason)
-        choice = {"index": 0, "text": "", "logprobs": None, "finish_reason": reason}
-        return orjson.dumps({**self.head, "choices": [choice]})
-
-
-def _usage(prompt: int, completion: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion}
 
 
 def _number(payload: dict[str, Any], name: str, default: float) -> float:

@@ -87,9 +87,10 @@ def wait_port(port: int, timeout: float = 20) -> None:
 
 @contextmanager
 def process(args: Sequence[str], cpu: str, port: int, log: Path | None = None,
-            env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
+            env: dict[str, str] | None = None, cwd: Path = ROOT
+            ) -> Iterator[subprocess.Popen[bytes]]:
     out = log.open("wb") if log else subprocess.DEVNULL
-    proc = subprocess.Popen(["taskset", "-c", cpu, *args], cwd=ROOT, stdout=out,
+    proc = subprocess.Popen(["taskset", "-c", cpu, *args], cwd=cwd, stdout=out,
                             stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     try:
         wait_port(port)
@@ -211,7 +212,12 @@ def main() -> int:
     parser.add_argument("--latency-rounds", type=int, default=15,
                         help="alternating c=1 runs per target (p99 is the noisiest figure)")
     parser.add_argument("--streams", type=int, default=1000)
+    parser.add_argument("--ab", metavar="REV",
+                        help="instead: this tree's sidecar against the one at git revision REV "
+                        "(e.g. main), side by side, throughput and added latency")
     args = parser.parse_args()
+    if args.ab:
+        return ab(args.ab, args.rounds, args.latency_rounds, args.seconds)
 
     work = Path(tempfile.mkdtemp(prefix="sidecar-bench-"))
     script = work / "post.lua"
@@ -342,6 +348,66 @@ def main() -> int:
     print(line)
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for row in rows:
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |")
+    return 0
+
+
+def ab(rev: str, rounds: int, latency_rounds: int, seconds: float) -> int:
+    """This tree's sidecar (B) against the one at `rev` (A), same config, alternated runs."""
+    work = Path(tempfile.mkdtemp(prefix="sidecar-ab-"))
+    other = work / "a"
+    subprocess.run(["git", "worktree", "add", "--detach", str(other), rev], cwd=ROOT,
+                   check=True, capture_output=True)
+    try:
+        script = work / "post.lua"
+        script.write_text(
+            'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
+            f"wrk.body = [[{orjson.dumps(CHAT).decode()}]]\n")
+        mock_port, a_port, b_port = (free_port() for _ in range(3))
+        env = {"BENCH_UPSTREAM_KEY": "sk-bench-not-a-real-key", "PYTHONUNBUFFERED": "1"}
+        for name, port in (("a", a_port), ("b", b_port)):
+            (work / f"{name}.toml").write_text(
+                SIDECAR_CONFIG.format(port=port, mock=mock_port, targets=ONE_TARGET))
+        with process([PY, "-m", "tests.bench.mock", str(mock_port)], LOAD_CPU, mock_port), \
+             process([PY, "-m", "sidecar", "serve", "--config", str(work / "a.toml")],
+                     SERVER_CPU, a_port, work / "a.log", env, cwd=other) as a, \
+             process([PY, "-m", "sidecar", "serve", "--config", str(work / "b.toml")],
+                     SERVER_CPU, b_port, work / "b.log", env) as b:
+            direct = f"http://127.0.0.1:{mock_port}/v1/chat/completions"
+            urls = {"a": f"http://127.0.0.1:{a_port}/v1/chat/completions",
+                    "b": f"http://127.0.0.1:{b_port}/v1/chat/completions"}
+            pids = {"a": a.pid, "b": b.pid}
+            for url in urls.values():
+                wrk(url, 8, 1, script)
+            runs: dict[str, list[dict[str, float]]] = {"a": [], "b": []}
+            for _ in range(rounds):
+                for name, url in urls.items():
+                    runs[name].append(wrk(url, 32, seconds, script, pids[name]))
+            lat: dict[str, list[dict[str, float]]] = {"direct": [], "a": [], "b": []}
+            for _ in range(latency_rounds):
+                lat["direct"].append(wrk(direct, 1, seconds, script))
+                for name, url in urls.items():
+                    lat[name].append(wrk(url, 1, seconds, script))
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(other)], cwd=ROOT,
+                       check=False, capture_output=True)
+    rps = statistics.median(b_["rps"] / a_["rps"] for a_, b_ in zip(runs["a"], runs["b"],
+                                                                   strict=True))
+    rows = [("non-streamed chat, req/s (c=32, 1 core)",
+             f"{statistics.median(r['rps'] for r in runs['a']):,.0f}",
+             f"{statistics.median(r['rps'] for r in runs['b']):,.0f}", f"{rps:.3f}", ">= 0.98")]
+    for q in ("p50", "p99"):
+        added = {n: [r[q] - d[q] for r, d in zip(lat[n], lat["direct"], strict=True)]
+                 for n in ("a", "b")}
+        ratio = statistics.median(y / x for x, y in zip(added["a"], added["b"], strict=True))
+        rows.append((f"added latency {q}, ms (c=1)", f"{statistics.median(added['a']):.3f}",
+                     f"{statistics.median(added['b']):.3f}", f"{ratio:.3f}",
+                     "<= 1.05" if q == "p50" else ""))
+    print(f"\nA/B: {rev} (A) against this tree (B), {rounds} + {latency_rounds} alternated "
+          "rounds\n")
+    header = ("measure", f"A: {rev}", "B: this tree", "B/A", "goal")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(5)]
+    for row in [header, tuple("-" * w for w in widths), *rows]:
         print("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |")
     return 0
 

@@ -1,0 +1,76 @@
+"""The internal form that connects protocols where they differ: a chat request, and the events
+of its answer (text deltas, tool-call deltas, the finish reason, usage, an error). Pure data;
+each protocol's module translates to and from it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from sidecar.errors import SidecarError
+
+
+@dataclass(slots=True)
+class ChatMessage:
+    role: str  # "system" | "user" | "assistant" | "tool"
+    content: str
+    # An assistant's tool calls ({"id", "name", "arguments"}), or the call a tool message
+    # answers.
+    tool_calls: list[dict[str, str]] = field(default_factory=list)
+    tool_call_id: str | None = None
+
+
+@dataclass(slots=True)
+class ChatRequest:
+    model: str
+    messages: list[ChatMessage] = field(default_factory=list)
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stream: bool = False
+    include_usage: bool = False
+    user: str | None = None
+    # Function tools as OpenAI describes them: {"name", "description", "parameters"}.
+    tools: list[dict[str, Any]] = field(default_factory=list)
+    tool_choice: str | dict[str, Any] | None = None
+
+
+@dataclass(slots=True)
+class TextDelta:
+    text: str
+
+
+@dataclass(slots=True)
+class ToolCallDelta:
+    index: int
+    id: str | None = None  # set on a call's first delta
+    name: str | None = None  # likewise
+    arguments: str = ""  # a piece of the JSON arguments
+
+
+@dataclass(slots=True)
+class Finish:
+    reason: str  # "stop" | "length" | "tool_calls" | "content_filter"
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(slots=True)
+class StreamFailure:
+    error: SidecarError
+
+
+Event = TextDelta | ToolCallDelta | Finish | Usage | StreamFailure

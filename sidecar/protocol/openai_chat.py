@@ -1,0 +1,219 @@
+"""OpenAI's chat protocol to and from the internal form (sidecar/protocol/chat.py): a request
+body to a `ChatRequest` and back, stream chunks to events, and events to chunks and to a whole
+answer. Pure: no I/O. Where OpenAI is spoken on both sides the bytes pass through instead."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from sidecar.errors import InvalidRequest, UpstreamError
+from sidecar.protocol.chat import (
+    ChatMessage,
+    ChatRequest,
+    Event,
+    Finish,
+    StreamFailure,
+    TextDelta,
+    ToolCallDelta,
+    Usage,
+)
+
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
+          "tool": "tool"}
+
+
+def request_from_openai(payload: dict[str, Any]) -> ChatRequest:
+    """A validated chat completions body (sidecar/protocol/requests.py) as the internal form."""
+    limit = payload.get("max_completion_tokens") or payload.get("max_tokens")
+    stop = payload.get("stop")
+    options = payload.get("stream_options")
+    top_k = payload.get("top_k")
+    request = ChatRequest(
+        model=str(payload["model"]),
+        messages=[_message(m, i) for i, m in enumerate(payload.get("messages") or ())],
+        max_tokens=int(limit) if limit is not None else None,
+        temperature=_number(payload.get("temperature")),
+        top_p=_number(payload.get("top_p")),
+        top_k=top_k if isinstance(top_k, int) and not isinstance(top_k, bool) else None,
+        presence_penalty=_number(payload.get("presence_penalty")),
+        frequency_penalty=_number(payload.get("frequency_penalty")),
+        seed=payload.get("seed"),
+        stop=(stop,) if isinstance(stop, str) else tuple(stop or ()),
+        stream=bool(payload.get("stream")),
+        include_usage=isinstance(options, dict) and bool(options.get("include_usage")),
+        user=payload.get("user"),
+        tool_choice=payload.get("tool_choice"),
+    )
+    for tool in payload.get("tools") or ():
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise InvalidRequest("Invalid value for `tools`: each tool needs a function name.",
+                                 param="tools")
+        request.tools.append(function)
+    return request
+
+
+def request_to_openai(request: ChatRequest) -> dict[str, Any]:
+    """The internal form as a chat completions body, for an OpenAI-compatible target."""
+    body: dict[str, Any] = {"model": request.model,
+                            "messages": [_message_out(m) for m in request.messages]}
+    for name in ("max_tokens", "temperature", "top_p", "presence_penalty",
+                 "frequency_penalty", "seed", "user", "tool_choice"):
+        value = getattr(request, name)
+        if value is not None:
+            body[name] = value
+    if request.stop:
+        body["stop"] = list(request.stop)
+    if request.tools:
+        body["tools"] = [{"type": "function", "function": t} for t in request.tools]
+    if request.stream:
+        body["stream"] = True
+        if request.include_usage:
+            body["stream_options"] = {"include_usage": True}
+    return body
+
+
+def _message(raw: dict[str, Any], i: int) -> ChatMessage:
+    content = raw.get("content")
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+                continue
+            raise InvalidRequest(
+                f"This model reads text only; messages[{i}].content[{j}] is "
+                f"{kind or 'not a content part'!r}.",
+                param=f"messages[{i}].content[{j}]", code="unsupported_content")
+        content = "\n".join(texts)
+    message = ChatMessage(_ROLES.get(str(raw.get("role")), str(raw.get("role"))),
+                          content if isinstance(content, str) else "")
+    for call in raw.get("tool_calls") or ():
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict):
+            message.tool_calls.append({"id": str(call.get("id", "")),
+                                       "name": str(function.get("name", "")),
+                                       "arguments": str(function.get("arguments", ""))})
+    if isinstance(raw.get("tool_call_id"), str):
+        message.tool_call_id = raw["tool_call_id"]
+    return message
+
+
+def _message_out(message: ChatMessage) -> dict[str, Any]:
+    out: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.tool_calls:
+        out["tool_calls"] = [{"id": c["id"], "type": "function",
+                              "function": {"name": c["name"], "arguments": c["arguments"]}}
+                             for c in message.tool_calls]
+    if message.tool_call_id is not None:
+        out["tool_call_id"] = message.tool_call_id
+    return out
+
+
+def _number(value: object) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) \
+        else None
+
+
+def events_from_chunk(data: bytes) -> list[Event]:
+    """The events in one stream chunk's `data` (the first choice's; `n` > 1 does not
+    translate)."""
+    try:
+        chunk = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return [StreamFailure(UpstreamError("The upstream sent an event that is not JSON."))]
+    if not isinstance(chunk, dict):
+        return [StreamFailure(UpstreamError("The upstream sent an event that is not an "
+                                            "object."))]
+    events: list[Event] = []
+    error = chunk.get("error")
+    if error is not None:
+        message = error.get("message") if isinstance(error, dict) else None
+        return [StreamFailure(UpstreamError(str(message or "The upstream's stream failed.")))]
+    for choice in chunk.get("choices") or ():
+        if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+            continue
+        delta = choice.get("delta") or {}
+        text = delta.get("content") if isinstance(delta, dict) else None
+        if isinstance(text, str) and text:
+            events.append(TextDelta(text))
+        for call in (delta.get("tool_calls") or ()) if isinstance(delta, dict) else ():
+            function = call.get("function") or {}
+            events.append(ToolCallDelta(int(call.get("index", 0)), call.get("id"),
+                                        function.get("name"), function.get("arguments") or ""))
+        if choice.get("finish_reason"):
+            events.append(Finish(str(choice["finish_reason"])))
+    usage = chunk.get("usage")
+    if isinstance(usage, dict):
+        events.append(Usage(int(usage.get("prompt_tokens") or 0),
+                            int(usage.get("completion_tokens") or 0)))
+    return events
+
+
+class ChunkWriter:
+    """OpenAI's stream chunks for one answer, chat or legacy completions."""
+
+    __slots__ = ("chat", "head")
+
+    def __init__(self, head: dict[str, Any], chat: bool) -> None:
+        self.head = head  # id, object, created, model, system_fingerprint (, usage: None)
+        self.chat = chat
+
+    def role(self) -> bytes:
+        """The first chunk of a chat stream, which names the role."""
+        return self._delta({"role": "assistant", "content": "", "refusal": None})
+
+    def event(self, event: Event) -> bytes:
+        if isinstance(event, TextDelta):
+            if self.chat:
+                return self._delta({"content": event.text})
+            return self._choice({"index": 0, "text": event.text, "logprobs": None,
+                                 "finish_reason": None})
+        if isinstance(event, Finish):
+            if self.chat:
+                return self._delta({}, event.reason)
+            return self._choice({"index": 0, "text": "", "logprobs": None,
+                                 "finish_reason": event.reason})
+        if isinstance(event, Usage):
+            return orjson.dumps({**self.head, "choices": [], "usage": usage_json(event)})
+        if isinstance(event, ToolCallDelta):
+            call: dict[str, Any] = {"index": event.index,
+                                    "function": {"arguments": event.arguments}}
+            if event.id is not None:
+                call["id"], call["type"] = event.id, "function"
+            if event.name is not None:
+                call["function"]["name"] = event.name
+            return self._delta({"tool_calls": [call]})
+        return orjson.dumps(event.error.body())
+
+    def _delta(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
+        return self._choice({"index": 0, "delta": delta, "logprobs": None,
+                             "finish_reason": finish})
+
+    def _choice(self, choice: dict[str, Any]) -> bytes:
+        return orjson.dumps({**self.head, "choices": [choice]})
+
+
+def answer_json(head: dict[str, Any], chat: bool, events: list[Event]) -> bytes:
+    """A whole (non-streamed) answer from the events of one generation."""
+    text = "".join(e.text for e in events if isinstance(e, TextDelta))
+    finish = next((e.reason for e in reversed(events) if isinstance(e, Finish)), "stop")
+    usage = next((e for e in reversed(events) if isinstance(e, Usage)), None)
+    if chat:
+        choice: dict[str, Any] = {
+            "index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
+            "logprobs": None, "finish_reason": finish}
+    else:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+    body = {**head, "choices": [choice]}
+    if usage is not None:
+        body["usage"] = usage_json(usage)
+    return orjson.dumps(body)
+
+
+def usage_json(usage: Usage) -> dict[str, int]:
+    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.total_tokens}

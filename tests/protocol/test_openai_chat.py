@@ -1,0 +1,107 @@
+"""OpenAI's chat protocol to and from the internal form: pure translations, no I/O."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from sidecar.errors import InvalidRequest
+from sidecar.protocol.chat import (
+    ChatMessage,
+    ChatRequest,
+    Finish,
+    StreamFailure,
+    TextDelta,
+    ToolCallDelta,
+    Usage,
+)
+from sidecar.protocol.openai_chat import (
+    ChunkWriter,
+    answer_json,
+    events_from_chunk,
+    request_from_openai,
+    request_to_openai,
+)
+
+HEAD = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+
+
+def test_a_chat_body_becomes_the_internal_form() -> None:
+    request = request_from_openai({
+        "model": "m", "max_completion_tokens": 7, "max_tokens": 99, "temperature": 0,
+        "stop": "END", "stream": True, "stream_options": {"include_usage": True},
+        "messages": [{"role": "developer", "content": "be brief"},
+                     {"role": "user", "content": [{"type": "text", "text": "a"},
+                                                  {"type": "text", "text": "b"}]}],
+    })
+    assert request.messages == [ChatMessage("system", "be brief"), ChatMessage("user", "a\nb")]
+    assert request.max_tokens == 7  # max_completion_tokens wins, as OpenAI says
+    assert request.temperature == 0.0
+    assert request.stop == ("END",)
+    assert request.stream and request.include_usage
+
+
+def test_tools_and_tool_calls_survive_a_round_trip() -> None:
+    body = {
+        "model": "m", "temperature": 0.5, "seed": 3, "stop": ["x", "y"],
+        "tools": [{"type": "function", "function": {"name": "get", "parameters": {}}}],
+        "tool_choice": "auto",
+        "messages": [
+            {"role": "user", "content": "weather?"},
+            {"role": "assistant", "content": "", "tool_calls": [
+                {"id": "call_1", "type": "function",
+                 "function": {"name": "get", "arguments": "{\"city\":\"Oslo\"}"}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "cold"},
+        ],
+    }
+    assert request_to_openai(request_from_openai(body)) == body
+
+
+def test_an_image_part_is_refused_naming_its_place() -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        request_from_openai({"model": "m", "messages": [
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]})
+    assert caught.value.param == "messages[0].content[0]"
+
+
+def test_a_chunk_becomes_its_events() -> None:
+    chunk = {**HEAD, "choices": [{"index": 0, "delta": {"content": "Hi", "tool_calls": [
+        {"index": 0, "id": "c1", "type": "function",
+         "function": {"name": "f", "arguments": "{"}}]}, "finish_reason": "tool_calls"}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}
+    assert events_from_chunk(orjson.dumps(chunk)) == [
+        TextDelta("Hi"), ToolCallDelta(0, "c1", "f", "{"), Finish("tool_calls"), Usage(3, 2)]
+
+
+def test_an_error_event_or_junk_becomes_a_failure() -> None:
+    (failure,) = events_from_chunk(b'{"error": {"message": "overloaded"}}')
+    assert isinstance(failure, StreamFailure) and "overloaded" in failure.error.message
+    assert isinstance(events_from_chunk(b"not json")[0], StreamFailure)
+    assert isinstance(events_from_chunk(b"[1]")[0], StreamFailure)
+
+
+@pytest.mark.parametrize("event", [TextDelta("a"), ToolCallDelta(1, "c", "f", "{}"),
+                                   Finish("length"), Usage(4, 6)])
+def test_what_the_writer_writes_reads_back_as_the_same_event(event: object) -> None:
+    writer = ChunkWriter(HEAD, chat=True)
+    assert events_from_chunk(writer.event(event)) == [event]  # type: ignore[arg-type]
+
+
+def test_the_role_chunk_carries_no_text() -> None:
+    chunk = orjson.loads(ChunkWriter(HEAD, chat=True).role())
+    assert chunk["choices"][0]["delta"] == {"role": "assistant", "content": "", "refusal": None}
+    assert events_from_chunk(ChunkWriter(HEAD, chat=True).role()) == []
+
+
+def test_a_whole_answer_joins_the_text_and_keeps_the_last_finish_and_usage() -> None:
+    body = orjson.loads(answer_json({"id": "x", "object": "chat.completion"}, True, [
+        TextDelta("Hel"), TextDelta("lo"), Finish("length"), Usage(2, 2)]))
+    assert body["choices"][0]["message"]["content"] == "Hello"
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"] == {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4}
+    legacy = orjson.loads(answer_json({"object": "text_completion"}, False, [TextDelta("a")]))
+    assert legacy["choices"][0]["text"] == "a" and "usage" not in legacy
+
+
+def test_the_internal_form_needs_only_a_model() -> None:
+    assert request_to_openai(ChatRequest(model="m")) == {"model": "m", "messages": []}
