@@ -259,3 +259,29 @@ def test_a_text_answer_is_replayed_as_a_stream() -> None:
         "function_call"])
 def test_an_answer_that_is_not_one_text_choice_is_not_replayed(body: dict[str, Any]) -> None:
     assert as_chunks(Record("t", "json", orjson.dumps(body)), False) is None
+
+
+def test_a_choice_without_an_index_is_the_first() -> None:
+    plain = orjson.dumps({"object": "chat.completion.chunk", "choices": [
+        {"delta": {"content": "x"}, "finish_reason": "stop"}]})
+    whole = orjson.loads(as_json(stream(plain)) or b"")
+    assert whole["choices"][0]["message"]["content"] == "x"
+
+
+def test_an_empty_or_missing_text_adds_nothing() -> None:
+    bare = orjson.dumps({"object": "text_completion", "choices": [
+        {"index": 0, "finish_reason": "stop"}]})
+    whole = orjson.loads(as_json(stream(text_chunk(""), bare)) or b"")
+    assert whole["choices"][0]["text"] == ""
+
+
+def test_replayed_usage_and_other_chunks_keep_their_shape() -> None:
+    note = orjson.dumps({"id": "x", "object": "chat.completion.chunk", "created": 1})
+    replayed = loads(as_chunks(stream(chunk("a"), note, chunk(finish="stop"), USAGE_CHUNK),
+                               True))
+    assert len(replayed) == 4 and "choices" not in replayed[1]
+    assert replayed[-1]["created"] == replayed[0]["created"] > 5
+    body = orjson.dumps({"object": "text_completion", "choices": [
+        {"index": 0, "text": "ab", "finish_reason": "stop"}]})
+    assert all(c["choices"][0]["index"] == 0
+               for c in loads(as_chunks(Record("t", "json", body), False)))
