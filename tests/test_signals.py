@@ -10,7 +10,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import httpx
-import pytest
 
 from tests.support.sidecar import Sidecar, base_config
 from tests.support.upstream_mock import MockUpstream
@@ -104,8 +103,6 @@ def test_a_stream_still_open_is_ended_after_shutdown_timeout_once_not_twice(
     assert sidecar.wait_for_log("ending requests still in flight")
 
 
-@pytest.mark.xfail(strict=True, reason="the SSE writer (sidecar/api/openai_writer.py) does not "
-                   "yet write an error event when the drain ends its stream")
 def test_a_stream_ended_by_the_drain_ends_with_an_error_event(
         sidecar_factory: Callable[..., Sidecar], upstream: MockUpstream) -> None:
     sidecar = sidecar_factory(draining_config(upstream, 1))

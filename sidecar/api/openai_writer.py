@@ -3,13 +3,15 @@ as it comes, `data: [DONE]` last, and an error event (no `[DONE]`) when it break
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 
 from sidecar.api.http import json_bytes
 from sidecar.appkeys import CONTEXT
-from sidecar.errors import SidecarError
+from sidecar.errors import SHUTTING_DOWN, ShuttingDown, SidecarError, cancelled_for_shutdown
 from sidecar.gateway import Answer
 from sidecar.protocol.sse import DONE_FRAME, frame
 from sidecar.protocol.sse import HEARTBEAT as HEARTBEAT_FRAME
@@ -56,6 +58,15 @@ async def write_stream(request: web.Request, answer: Answer) -> web.StreamRespon
         # returned goes nowhere; the log line carries stream_error = client_gone.
         record.stream_error = "client_gone"
         return response if response is not None else web.Response(status=499)
+    except asyncio.CancelledError as exc:
+        if response is not None and response.prepared and cancelled_for_shutdown(exc):
+            # The server stops and the drain's time is up: say so in the stream, without
+            # [DONE], rather than cutting it silently.
+            record.stream_error = SHUTTING_DOWN
+            with contextlib.suppress(ConnectionError):
+                await response.write(frame(ShuttingDown("The server is shutting down.").to_json()))
+                await response.write_eof()
+        raise
     finally:
         await answer.close()
 

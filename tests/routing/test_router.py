@@ -237,7 +237,8 @@ def test_invalid_changes_are_refused_and_change_nothing(routed: Sidecar) -> None
         response = httpx.put(routed.url + "/admin/api/routes", json=body)
         assert response.status_code == 400, body
         assert response.json()["error"]["type"] == "invalid_request_error"
-    assert httpx.put(routed.url + "/admin/api/routes", content=b"{").status_code == 400
+    assert httpx.put(routed.url + "/admin/api/routes", content=b"{",
+                     headers={"Content-Type": "application/json"}).status_code == 400
     assert httpx.get(routed.url + "/admin/api/routes").json()["models"] == before
     assert not (Path(routed.log_path).parent / "routes.json").exists()
 
