@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any
@@ -47,6 +48,8 @@ from sidecar.routing.state import RouteState
 from sidecar.routing.table import RouteTable
 from sidecar.security.jwt import JwksFetcher, Verifier, load_static_keys
 from sidecar.security.limits import Limiter
+
+log = logging.getLogger("sidecar")
 
 
 def create_app(settings: Settings, log_writer: LineWriter | None = None) -> web.Application:
@@ -244,13 +247,22 @@ async def _probing(gateway: Gateway, interval: float) -> None:
     """Ask every backend, every `interval`, whether it answers at all; one that does not
     gets no traffic until it does."""
     names = list(gateway.backends)
+    down: set[str] = set()
     while True:
         answers = await asyncio.gather(*(gateway.backends[n].probe() for n in names))
         for name, ok in zip(names, answers, strict=True):
             if ok:
                 gateway.router.provider_up(name)
+                if name in down:
+                    down.discard(name)
+                    log.info("provider back in rotation: the probe got an answer",
+                             extra={"fields": {"provider": name}})
             else:
                 gateway.router.provider_down(name, interval * 1.5, "unreachable by probe")
+                if name not in down:
+                    down.add(name)
+                    log.warning("provider out of rotation: the probe got no answer",
+                                extra={"fields": {"provider": name}})
         await asyncio.sleep(interval)
 
 
