@@ -13,7 +13,7 @@ import logging
 import os
 import secrets
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,7 +45,7 @@ def check_available() -> None:
 @dataclass(slots=True)
 class _Loaded:
     model: Any
-    decoder: Any  # a tokenizers.Tokenizer of the worker thread's own
+    decode: Callable[[Sequence[int]], str]  # ids -> text, without special tokens
     eos_ids: frozenset[int]
     vocab_size: int
     cache_arg: str  # "cache" in newer transformers, "past_key_values" before
@@ -90,7 +90,6 @@ class TransformersEngine(ThreadedEngine):
     def _load(self, model: str) -> None:
         check_available()
         import torch
-        from tokenizers import Tokenizer
         from transformers import AutoModelForCausalLM
 
         quiet_transformers()
@@ -120,10 +119,10 @@ class TransformersEngine(ThreadedEngine):
         else:
             self.max_batch_size = self._configured_batch
         names = inspect.signature(network.forward).parameters
-        self.prompting = Prompting(path)
+        self.prompting = prompting = Prompting(path)
         self._loaded = _Loaded(
             model=network,
-            decoder=Tokenizer.from_file(str(path / "tokenizer.json")),
+            decode=prompting.decode,
             eos_ids=eos_ids(path, getattr(config, "eos_token_id", None)),
             vocab_size=int(config.vocab_size),
             cache_arg="cache" if "cache" in names else "past_key_values",
@@ -171,12 +170,7 @@ class TransformersEngine(ThreadedEngine):
         with torch.inference_mode():
             logits, cache = loaded.prefill(job.prompt_ids)
             token = next_token(logits, params, counts, generator)
-        decoder = loaded.decoder
-
-        def decode(ids: Sequence[int]) -> str:
-            return str(decoder.decode(list(ids), skip_special_tokens=True))
-
-        job.native = _Sequence(token, generator, counts, Detokenizer(decode, params.stop))
+        job.native = _Sequence(token, generator, counts, Detokenizer(loaded.decode, params.stop))
         self._batch.add(job, cache)
 
     def _step(self, active: list[Job]) -> list[tuple[Job, Delta]]:
@@ -257,3 +251,4 @@ def native_bf16() -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
