@@ -12,12 +12,14 @@ import ssl
 from aiohttp import web
 
 from sidecar.app import create_app
-from sidecar.appkeys import READINESS
+from sidecar.appkeys import BACKENDS, READINESS
+from sidecar.backends.local import LocalBackend
 from sidecar.config import ServerSettings, Settings
 from sidecar.errors import SHUTTING_DOWN
 from sidecar.observability.logging import LineWriter
 from sidecar.security.connections import EdgeRunner, InFlight, c_parser_in_use
 from sidecar.security.tls import reload_certificate, server_context
+from sidecar.service import Notifier, announce_ready, watchdog
 
 log = logging.getLogger("sidecar")
 # After the drain: how long requests just ended get to write their last words, and idle
@@ -56,21 +58,43 @@ async def serve(settings: Settings, log_writer: LineWriter | None = None) -> Non
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    notifier = Notifier()
+    serving = ""
     # systemd's reload sends SIGHUP; without a handler it would end the process.
-    loop.add_signal_handler(signal.SIGHUP, _hangup, tls, server)
+    loop.add_signal_handler(signal.SIGHUP, lambda: _hangup(tls, server, notifier, serving))
+    tasks: list[asyncio.Task[None]] = []
     try:
         await _listen(runner, settings, tls)
+        address = _address(runner, tls is not None)
         log.info(
             "serving",
-            extra={"fields": {"address": _address(runner, tls is not None),
+            extra={"fields": {"address": address,
                               "config": settings.source, "models": sorted(settings.models),
                               "auth": settings.auth.mode}},
         )
+        serving = f"serving {len(settings.models)} models on {address}"
+        if notifier.enabled:
+            tasks.append(asyncio.create_task(
+                announce_ready(notifier, lambda: _loading(app), serving), name="notify-ready"))
+        if notifier.watchdog_s:
+            tasks.append(asyncio.create_task(watchdog(notifier), name="watchdog"))
         await stop.wait()
+        notifier.stopping(f"draining {len(runner.in_flight.tasks)} requests")
         await _drain(app, runner.in_flight, server.shutdown_timeout_s)
     finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         await runner.cleanup()
+        notifier.close()
         log.info("stopped")
+
+
+def _loading(app: web.Application) -> list[str]:
+    """The local providers whose model is still on its way (not loaded, and not failed)."""
+    return [name for name, backend in app[BACKENDS].items()
+            if isinstance(backend, LocalBackend) and not backend.engine.ready
+            and not backend.engine.load_error]
 
 
 async def _listen(runner: web.AppRunner, settings: Settings, tls: ssl.SSLContext | None
@@ -94,11 +118,15 @@ async def _listen(runner: web.AppRunner, settings: Settings, tls: ssl.SSLContext
             port = runner.addresses[0][1]
 
 
-def _hangup(tls: ssl.SSLContext | None, server: ServerSettings) -> None:
+def _hangup(tls: ssl.SSLContext | None, server: ServerSettings, notifier: Notifier,
+            serving: str) -> None:
+    notifier.reloading()
     if tls is not None:
         reload_certificate(tls, server)
     else:
         log.info("SIGHUP received: no certificate to reload; carrying on")
+    if notifier.is_ready:
+        notifier.ready(serving)
 
 
 async def _drain(app: web.Application, in_flight: InFlight, grace_s: float) -> None:

@@ -70,3 +70,10 @@ def test_the_unit_gives_the_embedded_model_a_cache_without_a_home(tmp_path: Path
         assert reply.choices[0].message.content
     finally:
         sidecar.stop()
+
+
+def test_unit_waits_for_ready_and_has_a_watchdog() -> None:
+    service = service_section()
+    assert service["Type"] == "notify"  # started means listening with the models loaded
+    assert service["NotifyAccess"] == "main"
+    assert int(service["WatchdogSec"]) >= 10
