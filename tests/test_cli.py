@@ -79,5 +79,6 @@ def test_routes_show_prints_a_resting_target(
     assert result.returncode == 0, result.stderr
     line = next(x for x in result.stdout.splitlines() if "dead/nothing" in x)
     assert "(resting " in line
+    assert "unreachable" in line.lower() or "reach" in line  # and why it rests
     healthy = next(x for x in result.stdout.splitlines() if "mock/mock-gpt" in x)
     assert "resting" not in healthy

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from typing import Any
 
 from sidecar.config import RoutingSettings
 from sidecar.errors import (
@@ -165,14 +166,17 @@ class Router:
     def provider_up(self, provider: str) -> None:
         self._providers_down.pop(provider, None)
 
-    def snapshot(self) -> dict[str, dict[str, float]]:
-        """What the admin API shows: who rests, who is down, and the retry budget."""
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        """What the admin API shows: who rests and why (scrubbed when it was recorded), who is
+        down, and the retry budget."""
         now = time.monotonic()
         resting = {label: max(0.0, s.resting_until - now) for label, s in self._targets.items()
                    if s.resting_until > now}
+        reasons = {label: self._targets[label].reason or "failed" for label in resting}
         down = {p: until - now for p, (until, _) in self._providers_down.items() if until > now}
         budget = self.budget
-        return {"resting_targets_s": resting, "providers_down_s": down,
+        return {"resting_targets_s": resting, "resting_reasons": reasons,
+                "providers_down_s": down,
                 "retry_budget": {"balance": round(budget.balance, 3), "spent": budget.spent,
                                  "refused": budget.refused}}
 
