@@ -271,7 +271,7 @@ def _serve(args: argparse.Namespace) -> int:
     writer = slog.configure(settings.logging.level)
     # The log is JSON lines: no library's progress bar (tqdm reads this when imported).
     os.environ.setdefault("TQDM_DISABLE", "1")
-    from sidecar.engines.base import EngineUnusable
+    from sidecar.engines.errors import EngineUnusable
     from sidecar.server import run
 
     try:
@@ -330,7 +330,7 @@ def _check_engines(settings: config.Settings) -> tuple[list[str], list[str]]:
              if isinstance(p, config.LocalProviderSettings)}
     if not local:
         return [], []
-    from sidecar.engines.base import EngineUnusable
+    from sidecar.engines.errors import EngineUnusable
     from sidecar.engines.factory import make_engine
 
     fine: list[str] = []

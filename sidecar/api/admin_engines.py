@@ -13,7 +13,7 @@ from sidecar.api.http import JSON
 from sidecar.appkeys import CONTEXT, GATEWAY
 from sidecar.backends.local import LocalBackend
 from sidecar.engines import models
-from sidecar.engines.base import EngineUnusable
+from sidecar.engines.errors import EngineUnusable
 from sidecar.errors import InvalidRequest, ModelNotFound, SidecarError
 
 routes = web.RouteTableDef()

@@ -8,7 +8,7 @@ from aiohttp import web
 from sidecar.api.admin_engines import local_backends
 from sidecar.api.http import JSON
 from sidecar.appkeys import READINESS, VERIFIER
-from sidecar.engines.base import ThreadedEngine
+from sidecar.engines.worker import ThreadedEngine
 
 routes = web.RouteTableDef()
 

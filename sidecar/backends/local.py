@@ -15,7 +15,8 @@ import orjson
 
 from sidecar.backends.base import HEARTBEAT, Call
 from sidecar.config import LocalProviderSettings
-from sidecar.engines.base import Params, ThreadedEngine
+from sidecar.engines.job import Params
+from sidecar.engines.worker import ThreadedEngine
 from sidecar.errors import InvalidRequest
 from sidecar.protocol.chat import Event, Finish, TextDelta, Usage
 from sidecar.protocol.openai_chat import ChunkWriter, answer_json

@@ -1,0 +1,1 @@
+"""Local models: engines that run a model inside this process, each owned by one worker thread."""

@@ -12,7 +12,7 @@ from sidecar.cache.memory import MemoryCache
 from sidecar.cache.records import Record
 from sidecar.cache.redis_tier import RedisTier
 from sidecar.cache.response_cache import ResponseCache
-from tests.cache.test_redis_tier import RedisServer
+from tests.support.redis_server import RedisServer
 from tests.support.sidecar import closed_port
 
 SECRET = b"fleet-secret-0123456789abcdef0123"

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.cache.test_redis_tier import RedisServer
+from tests.support.redis_server import RedisServer
 from tests.support.sidecar import Sidecar, base_config, start_sidecar
 from tests.support.upstream_mock import MockUpstream
 
