@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 import aiohttp
 from aiohttp import web
 
-from sidecar.api import admin, admin_engines, health, openai
+from sidecar.api import admin, admin_engines, health, metrics, openai
 from sidecar.api.middleware import Guard, make_middleware
 from sidecar.appkeys import (
     BACKENDS,
@@ -24,6 +24,7 @@ from sidecar.appkeys import (
     GATEWAY,
     HTTP,
     LIMITER,
+    METRICS,
     READINESS,
     REDIS,
     ROUTE_STATE,
@@ -38,10 +39,11 @@ from sidecar.cache.answers import AnswerCache
 from sidecar.cache.memory import MemoryCache
 from sidecar.cache.redis_tier import RedisTier
 from sidecar.cache.response_cache import ResponseCache
-from sidecar.config import LocalProviderSettings, Settings
+from sidecar.config import LocalProviderSettings, Settings, metrics_listener
 from sidecar.engines.factory import make_engine
 from sidecar.gateway import Gateway, Readiness
 from sidecar.observability.logging import AccessLog, LineWriter
+from sidecar.observability.metrics import Metrics
 from sidecar.routing.router import Router
 from sidecar.routing.shared import RouteSync
 from sidecar.routing.state import RouteState
@@ -57,14 +59,17 @@ def create_app(settings: Settings, log_writer: LineWriter | None = None) -> web.
     access_log = AccessLog(log_writer if settings.logging.requests else None)
     verifier = Verifier(settings.auth) if settings.auth.mode == "jwt" else None
     limiter = Limiter(settings.limits)
+    counted = Metrics(settings) if settings.metrics.enabled else None
     app = web.Application(
-        middlewares=[make_middleware(access_log, Guard(verifier, settings.auth, limiter))],
+        middlewares=[make_middleware(access_log, Guard(verifier, settings.auth, limiter),
+                                     counted)],
         client_max_size=settings.server.max_body_bytes,
     )
     app[SETTINGS] = settings
     app[READINESS] = Readiness()
     app[VERIFIER] = verifier
     app[LIMITER] = limiter
+    app[METRICS] = counted
     app.cleanup_ctx.append(_http_session)
     app.cleanup_ctx.append(_auth_keys)
     app.cleanup_ctx.append(_redis)
@@ -74,6 +79,7 @@ def create_app(settings: Settings, log_writer: LineWriter | None = None) -> web.
     app.cleanup_ctx.append(_probe)
     app.cleanup_ctx.append(_route_sync)
     app.cleanup_ctx.append(_model_loads)
+    app.cleanup_ctx.append(_metrics_listener)
     app.on_startup.append(_mark_started)
     app.on_shutdown.append(_mark_draining)
     app[ROUTE_STATE] = RouteState(settings.routing.state_file)
@@ -85,6 +91,9 @@ def create_app(settings: Settings, log_writer: LineWriter | None = None) -> web.
     app.add_routes(admin.routes)
     app.add_routes(admin_engines.routes)
     app.add_routes(health.routes)
+    app.add_routes(metrics.routes)
+    if counted is not None and not settings.metrics.listen:
+        app.router.add_get(settings.metrics.path, metrics.scrape_handler(app))
     return app
 
 
@@ -185,7 +194,8 @@ async def _gateway(app: web.Application) -> AsyncIterator[None]:
     cache = app[CACHE]
     answers = AnswerCache(cache, settings.cache, app[CACHE_SECRET]) if cache else None
     backends = app[BACKENDS]
-    app[GATEWAY] = Gateway(table, backends, Router(settings.routing), app[LIMITER], answers)
+    app[GATEWAY] = Gateway(table, backends, Router(settings.routing), app[LIMITER], answers,
+                           count_usage=app[METRICS] is not None)
     yield
 
 
@@ -219,6 +229,33 @@ async def _model_loads(app: web.Application) -> AsyncIterator[None]:
     yield
     for task in tasks:
         await _cancelled(task)
+
+
+async def _metrics_listener(app: web.Application) -> AsyncIterator[None]:
+    """metrics.listen: the metrics on a loopback listener of their own, without a token."""
+    settings = app[SETTINGS]
+    if not settings.metrics.enabled or not settings.metrics.listen:
+        yield
+        return
+    host, port = metrics_listener(settings.metrics.listen, settings.source)
+    scraping = web.Application()
+    scraping.router.add_get(settings.metrics.path, metrics.scrape_handler(
+        app, loopback_listener=True))
+    runner = web.AppRunner(scraping, access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+        bound = runner.addresses[0]
+        # Not "address": that field names the main listener in the `serving` line.
+        log.info("serving metrics", extra={"fields": {
+            "metrics_url": f"http://{_host(bound[0])}:{bound[1]}{settings.metrics.path}"}})
+        yield
+    finally:
+        await runner.cleanup()
+
+
+def _host(address: str) -> str:
+    return f"[{address}]" if ":" in address else address
 
 
 @contextlib.asynccontextmanager

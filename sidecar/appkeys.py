@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 from sidecar.cache.redis_tier import RedisTier
 from sidecar.cache.response_cache import ResponseCache
 from sidecar.config import Settings
+from sidecar.observability.metrics import Metrics
 from sidecar.observability.timing import RequestContext
 from sidecar.routing.state import RouteState
 from sidecar.security.jwt import Verifier
@@ -32,6 +33,7 @@ BACKENDS: web.AppKey[dict[str, Backend]] = web.AppKey("backends")
 GATEWAY: web.AppKey[Gateway] = web.AppKey("gateway")
 READINESS: web.AppKey[Readiness] = web.AppKey("readiness")
 ROUTE_SYNC: web.AppKey[RouteSync | None] = web.AppKey("route_sync")
+METRICS: web.AppKey[Metrics | None] = web.AppKey("metrics")  # None when metrics.enabled is off
 
 # Per-request state set by the edge middleware.
 CONTEXT = web.RequestKey("context", RequestContext)

@@ -227,6 +227,14 @@ class LoggingSettings(Struct, kw_only=True, forbid_unknown_fields=True):
     requests: bool = True
 
 
+class MetricsSettings(Struct, kw_only=True, forbid_unknown_fields=True):
+    enabled: bool = True
+    # Where the Prometheus text is served (on the main listener unless `listen` is set).
+    path: str = "/metrics"
+    # "host:port" of a listener of its own for scrapers, loopback only; it needs no token.
+    listen: str = ""
+
+
 class Settings(Struct, kw_only=True, forbid_unknown_fields=True):
     server: ServerSettings = msgspec.field(default_factory=ServerSettings)
     providers: dict[str, AnyProvider] = {}
@@ -236,6 +244,7 @@ class Settings(Struct, kw_only=True, forbid_unknown_fields=True):
     limits: LimitsSettings = msgspec.field(default_factory=LimitsSettings)
     routing: RoutingSettings = msgspec.field(default_factory=RoutingSettings)
     cache: CacheSettings = msgspec.field(default_factory=CacheSettings)
+    metrics: MetricsSettings = msgspec.field(default_factory=MetricsSettings)
     # Filled in by load(): never read from the file.
     source: str = "<memory>"
     api_keys: dict[str, Secret] = {}
@@ -312,7 +321,30 @@ def from_mapping(data: dict[str, object], *, source: str = "<memory>") -> Settin
             )
         settings.jwt_secret = Secret(value)
     _check_cache(settings)
+    _check_metrics(settings)
     return settings
+
+
+def _check_metrics(settings: Settings) -> None:
+    metrics, src = settings.metrics, settings.source
+    if not re.fullmatch(r"/[A-Za-z0-9._~/-]*", metrics.path) or metrics.path.startswith(
+            ("/v1/", "/admin")) or metrics.path in ("/healthz", "/readyz"):
+        raise ConfigError(f"{src}: `metrics.path`: expected a path of its own such as "
+                          f"\"/metrics\", got {metrics.path!r}")
+    if metrics.listen:
+        metrics_listener(metrics.listen, src)
+
+
+def metrics_listener(listen: str, source: str = "<memory>") -> tuple[str, int]:
+    """The host and port of `metrics.listen`: a loopback address, since the listener asks
+    for no token and only this machine may reach it."""
+    host, sep, port = listen.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not port.isdigit() or int(port) > 65535 or not is_loopback([host] if host
+                                                                               else []):
+        raise ConfigError(f"{source}: `metrics.listen`: expected a loopback address and port "
+                          f"such as \"127.0.0.1:9464\", got {listen!r}")
+    return host, int(port)
 
 
 def _check_cache(settings: Settings) -> None:

@@ -93,6 +93,8 @@ class Gateway:
     router: Router
     limiter: Limiter
     cache: AnswerCache | None = None
+    # Note each answer's usage on the record even without a token budget (for metrics).
+    count_usage: bool = False
 
     async def open(self, exchange: Exchange) -> Answer:
         context = exchange.context
@@ -109,8 +111,15 @@ class Gateway:
                 param="model")
         if self.limiter.tokens is None:  # the common case: reach a target, or the cache
             if self.cache is None or not exchange.cacheable:
-                return await self.reach(exchange, route)
-            return await self.cache.answer(exchange, lambda: self.reach(exchange, route))
+                answer = await self.reach(exchange, route)
+            else:
+                answer = await self.cache.answer(exchange, lambda: self.reach(exchange, route))
+            if self.count_usage and not answer.from_cache:
+                if answer.events is None:
+                    context.record.usage = usage_of(answer.body)
+                else:
+                    answer.events = _metered(answer.events, context.record)
+            return answer
         return await self._within_budget(exchange, route)
 
     async def _within_budget(self, exchange: Exchange, route: Route) -> Answer:

@@ -26,6 +26,7 @@ from sidecar.errors import (
     cancelled_for_shutdown,
 )
 from sidecar.observability.logging import AccessLog, process_tag
+from sidecar.observability.metrics import Metrics
 from sidecar.observability.timing import RequestContext, Timing
 from sidecar.security.jwt import ANONYMOUS, Forbidden, Unauthorized, Verifier
 from sidecar.security.limits import Limiter
@@ -35,7 +36,8 @@ _AUTH_REFUSALS = (Unauthorized, Forbidden, BrowserRefused)
 _CLIENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
-def make_middleware(access_log: AccessLog, guard: Guard) -> Middleware:
+def make_middleware(access_log: AccessLog, guard: Guard, metrics: Metrics | None = None
+                    ) -> Middleware:
     # Ids are a per-process random tag and a counter: unique across a fleet, and cheap.
     prefix = f"req_{process_tag()}"
     counter = itertools.count(1)
@@ -52,6 +54,7 @@ def make_middleware(access_log: AccessLog, guard: Guard) -> Middleware:
         timing = context.timing
         fields = context.fields
         response: web.StreamResponse
+        failure: SidecarError | None = None  # for the metrics: a refusal's kind
         try:
             if guard.applies(request.path):
                 await guard.admit(request, context)
@@ -62,6 +65,7 @@ def make_middleware(access_log: AccessLog, guard: Guard) -> Middleware:
             else:
                 response = await handler(request)
         except SidecarError as exc:
+            failure = exc
             if isinstance(exc, _AUTH_REFUSALS):
                 fields["auth_error"] = exc.code or exc.type  # the reason, never the token
             response = error_response(exc)
@@ -71,9 +75,13 @@ def make_middleware(access_log: AccessLog, guard: Guard) -> Middleware:
             if not cancelled_for_shutdown(exc):
                 _log(access_log, request, rid, timing, fields, 499,
                      "client closed the connection")
+                if metrics is not None:
+                    metrics.observe(request.path, context, 499, None)
                 raise
             if request.writer.output_size > 0:  # a stream under way ends in its own way
                 _log(access_log, request, rid, timing, fields, 503, "server shutting down")
+                if metrics is not None:
+                    metrics.observe(request.path, context, 503, None)
                 raise
             # Nothing was sent yet: the client gets a 503 it may retry elsewhere.
             task = asyncio.current_task()
@@ -95,6 +103,8 @@ def make_middleware(access_log: AccessLog, guard: Guard) -> Middleware:
         if access_log.enabled:
             fields["overhead_us"] = int(overhead_ms * 1000)
             _log(access_log, request, rid, timing, fields, response.status, None)
+        if metrics is not None:
+            metrics.observe(request.path, context, response.status, failure)
         return response
 
     return edge

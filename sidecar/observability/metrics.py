@@ -1,0 +1,368 @@
+"""Prometheus metrics from the record every request leaves: counted on the event loop with plain
+dicts keyed by label tuples (the loop is the only writer, so no locks), copied at scrape time,
+and rendered by prometheus_client in a thread so that a scrape never stalls the loop.
+
+Names follow the OpenTelemetry GenAI semantic conventions in Prometheus form, then the
+sidecar's own under `llm_sidecar_`. Every label value comes from the config (models, targets,
+providers) or a fixed set; a model name nobody configured is counted as `other`, and no tenant,
+key or free text is ever a label.
+"""
+
+from __future__ import annotations
+
+import gzip
+import platform
+import time
+from bisect import bisect_left
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from time import perf_counter
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+
+from sidecar import __version__
+from sidecar.errors import RateLimited, SidecarError
+
+if TYPE_CHECKING:
+    from sidecar.config import Settings
+    from sidecar.observability.timing import RequestContext
+
+# OpenTelemetry's recommended boundaries; the durations go on past 82 s, because a slow local
+# CPU model can take minutes over one answer.
+DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48,
+                    40.96, 81.92, 163.84, 327.68, 655.36)
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
+                5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
+                10.0)
+TOKEN_BUCKETS = (1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0,
+                 1048576.0, 4194304.0, 16777216.0, 67108864.0)
+
+# The path of each front door's endpoint: (front door, gen_ai.operation.name).
+OPERATIONS = {
+    "/v1/chat/completions": ("openai", "chat"),
+    "/v1/completions": ("openai", "text_completion"),
+    "/v1/embeddings": ("openai", "embeddings"),
+}
+_OTHER_API = ("openai", "other")
+# Why a stream stopped early, as a label: the codes this package's errors carry and
+# client_gone. Anything else (an upstream's own code) is `other`.
+
+
+def _codes(kind: type[SidecarError]) -> Iterator[str]:
+    yield kind.type
+    if kind.code is not None:
+        yield kind.code
+    for sub in kind.__subclasses__():
+        yield from _codes(sub)
+
+
+_STREAM_ERRORS = frozenset(["client_gone", *_codes(SidecarError)])
+
+Key = tuple[str, ...]
+
+
+class Histogram:
+    """Bucket counts per label tuple; the row is [count per bucket..., +Inf, sum]."""
+
+    __slots__ = ("bounds", "series")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.series: dict[Key, list[float]] = {}
+
+    def observe(self, key: Key, value: float) -> None:
+        row = self.series.get(key)
+        if row is None:
+            row = self.series[key] = [0.0] * (len(self.bounds) + 2)
+        row[bisect_left(self.bounds, value)] += 1  # the first bound >= value: `le` semantics
+        row[-1] += value
+
+
+# name, help, label names: the counters and histograms observed per request.
+_GENAI = ("gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model")
+COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "llm_sidecar_requests": ("Requests answered, by front door, operation, model, status class "
+                             "and whether streamed.", ("front_door", "operation", "model",
+                                                       "status_class", "stream")),
+    "llm_sidecar_target_selected": ("Requests a target answered.", ("model", "target")),
+    "llm_sidecar_fallbacks": ("A target failed before the first byte and another answered.",
+                              ("from_target", "to_target")),
+    "llm_sidecar_spill_overs": ("A local target was full or not ready and another answered.",
+                                ("from_target", "to_target")),
+    "llm_sidecar_client_disconnects": ("Clients that left in the middle of a stream.",
+                                       ("model", "target")),
+    "llm_sidecar_rate_limit_refusals": ("Requests refused by a tenant's request or token budget "
+                                        "(429), or by the process's cap on requests in flight "
+                                        "(503).", ("limit",)),
+}
+HISTOGRAMS: dict[str, tuple[str, tuple[str, ...], tuple[float, ...]]] = {
+    "gen_ai_client_operation_duration_seconds": (
+        "Duration of a request, from its arrival to the end of its answer.",
+        (*_GENAI, "error_type"), DURATION_BUCKETS),
+    "gen_ai_server_time_to_first_token_seconds": (
+        "Time to a stream's first event, for streams a target answered.", _GENAI, TTFT_BUCKETS),
+    "gen_ai_server_time_per_output_token_seconds": (
+        "Time per output token after the first, for streams that reported their usage.",
+        _GENAI, TPOT_BUCKETS),
+    "gen_ai_client_token_usage": ("Tokens used per request, as the answer's usage reports them.",
+                                  (*_GENAI, "gen_ai_token_type"), TOKEN_BUCKETS),
+    "llm_sidecar_upstream_duration_seconds": (
+        "Time a request waited for its target's bytes (an upstream's, or a local engine's "
+        "tokens).", ("target",), DURATION_BUCKETS),
+}
+
+
+class Metrics:
+    """What requests did, since start. `observe` runs once per request, on the loop."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.models = frozenset(settings.models)
+        # Every target's label and its provider: the only target label values.
+        self.targets = {f"{t.provider}/{t.model or name}": t.provider
+                        for name, entry in settings.models.items() for t in entry.targets}
+        self.counters: dict[str, dict[Key, int]] = {name: {} for name in COUNTERS}
+        self.histograms = {name: Histogram(spec[2]) for name, spec in HISTOGRAMS.items()}
+        self.windows = Windows()
+        self.tls_cert = settings.server.tls_cert
+        self._expiry: dict[tuple[str, float], float] = {}  # the render thread's alone
+
+    def _model(self, name: str) -> str:
+        return name if name in self.models else ("other" if name else "")
+
+    def _target(self, label: str) -> str:
+        return label if label in self.targets else "other"
+
+    def observe(self, path: str, context: RequestContext, status: int,
+                error: SidecarError | None) -> None:
+        """Count one finished request (its answer written, failed, or abandoned: 499)."""
+        door, operation = OPERATIONS.get(path) or (
+            _OTHER_API if path.startswith("/v1/") else (None, ""))
+        if door is None:
+            return  # health checks, the admin API and scrapes are not traffic
+        elapsed = perf_counter() - context.timing.start
+        record = context.record
+        counters = self.counters
+        histograms = self.histograms
+        model = self._model(record.model)
+        _count(counters["llm_sidecar_requests"], (door, operation, model, f"{status // 100}xx",
+                                                  "true" if record.stream else "false"))
+        served = record.target
+        target = self._target(served) if served else (
+            "cache" if record.cache == "hit" else "none")
+        if status >= 400:
+            error_type = str(status)
+        elif record.stream_error:
+            error_type = record.stream_error if record.stream_error in _STREAM_ERRORS \
+                else "other"
+        else:
+            error_type = ""
+        histograms["gen_ai_client_operation_duration_seconds"].observe(
+            (operation, target, model, error_type), elapsed)
+        if isinstance(error, RateLimited):
+            # The request budget is taken before the path; the token budget inside it.
+            _count(counters["llm_sidecar_rate_limit_refusals"],
+                   ("tokens" if record.endpoint else "requests",))
+        elif error is not None and error.code == "overloaded":
+            _count(counters["llm_sidecar_rate_limit_refusals"], ("concurrency",))
+        if record.stream and (status == 499 or record.stream_error == "client_gone"):
+            _count(counters["llm_sidecar_client_disconnects"], (model, target))
+        failed_first = [self._target(t) for t in record.fallback_from]
+        # A client that left is not the target's failure.
+        self.windows.observe(model, target, elapsed,
+                             error_type not in ("", "499", "client_gone"), failed_first)
+        if not served:
+            return
+        histograms["llm_sidecar_upstream_duration_seconds"].observe(
+            (target,), context.timing.upstream)
+        _count(counters["llm_sidecar_target_selected"], (model, target))
+        for before in failed_first:
+            _count(counters["llm_sidecar_fallbacks"], (before, target))
+        for before in record.spill_over_from:
+            _count(counters["llm_sidecar_spill_overs"], (self._target(before), target))
+        genai = (operation, target, model)
+        first = record.first_byte_s
+        if record.stream and first is not None:
+            histograms["gen_ai_server_time_to_first_token_seconds"].observe(genai, first)
+        usage = record.usage
+        if usage is not None:
+            tokens = histograms["gen_ai_client_token_usage"]
+            tokens.observe((*genai, "input"), usage[0])
+            tokens.observe((*genai, "output"), usage[1])
+            if record.stream and first is not None and usage[1] > 1 and not error_type:
+                histograms["gen_ai_server_time_per_output_token_seconds"].observe(
+                    genai, (elapsed - first) / (usage[1] - 1))
+
+    def snapshot(self, parts: Callable[[], Iterator[Metric]]) -> Snapshot:
+        """A copy of the numbers, taken on the loop, for a thread to render."""
+        return Snapshot(
+            {name: dict(values) for name, values in self.counters.items()},
+            {name: {k: row.copy() for k, row in h.series.items()}
+             for name, h in self.histograms.items()},
+            self, parts)
+
+    def certificate_expiry(self) -> float | None:
+        """The TLS certificate's notAfter as a Unix time, read again when the file changes
+        (SIGHUP reloads it). Called from the render thread: it reads a file."""
+        if not self.tls_cert:
+            return None
+        try:
+            stamp = Path(self.tls_cert).stat().st_mtime
+            known = self._expiry.get((self.tls_cert, stamp))
+            if known is None:
+                from cryptography import x509
+
+                cert = x509.load_pem_x509_certificate(Path(self.tls_cert).read_bytes())
+                known = cert.not_valid_after_utc.timestamp()
+                self._expiry.clear()
+                self._expiry[(self.tls_cert, stamp)] = known
+        except (OSError, ValueError):
+            return None
+        return known
+
+
+def _count(values: dict[Key, int], key: Key) -> None:
+    values[key] = values.get(key, 0) + 1
+
+
+@dataclass(slots=True)
+class Snapshot:
+    counters: dict[str, dict[Key, int]]
+    histograms: dict[str, dict[Key, list[float]]]
+    metrics: Metrics
+    # The families of what the application's parts say, gathered on the loop at scrape time.
+    parts: Callable[[], Iterator[Metric]]
+
+    def collect(self) -> Iterator[Metric]:
+        """prometheus_client's Collector protocol: the families, built from the copy."""
+        for name, (text, labels) in COUNTERS.items():
+            family = CounterMetricFamily(name, text, labels=labels)
+            for key, value in self.counters[name].items():
+                family.add_metric(key, value)
+            yield family
+        for name, (text, labels, bounds) in HISTOGRAMS.items():
+            histogram = HistogramMetricFamily(name, text, labels=labels)
+            edges = [*(repr(b) for b in bounds), "+Inf"]
+            for key, row in self.histograms[name].items():
+                cumulative, buckets = 0.0, []
+                for edge, count in zip(edges, row, strict=False):
+                    cumulative += count
+                    buckets.append((edge, cumulative))
+                histogram.add_metric(key, buckets, row[-1])
+            yield histogram
+        yield from self.parts()
+        expiry = self.metrics.certificate_expiry()
+        if expiry is not None:
+            yield GaugeMetricFamily("llm_sidecar_tls_certificate_expiry_timestamp_seconds",
+                                    "When the served TLS certificate expires (Unix time).",
+                                    value=expiry)
+        info = InfoMetricFamily("llm_sidecar_build", "The running version.")
+        info.add_metric([], {"version": __version__, "python": platform.python_version()})
+        yield info
+
+
+def render(snapshot: Snapshot, accept: str, gzip_ok: bool) -> tuple[bytes, str, bool]:
+    """The exposition the Accept header asks for (OpenMetrics or Prometheus text), gzipped
+    when the scraper takes it. Runs in a thread."""
+    encoder, content_type = choose_encoder(accept)
+    body = encoder(snapshot)
+    if gzip_ok and len(body) >= 1024:
+        return gzip.compress(body, 5), content_type, True
+    return body, content_type, False
+
+
+# The rolling windows of /admin/api/stats: 5-second slots over the last five minutes, and
+# latency buckets 25% apart from 1 ms to 20 minutes (a percentile is known to within that).
+SLOT_S = 5
+SLOTS = 60
+WINDOWS = {"1m": 12, "5m": 60}
+LATENCY_BOUNDS = tuple(0.001 * 1.25 ** i for i in range(76))
+_ROW = len(LATENCY_BOUNDS) + 3  # requests, errors, then a count per latency bucket and +Inf
+
+
+class Windows:
+    """Per model and target: requests, errors and latencies in the last slots. A target that
+    failed before another answered counts a request and an error, without a latency."""
+
+    def __init__(self) -> None:
+        self.series: dict[tuple[str, str], tuple[list[int], list[list[int]]]] = {}
+
+    def _row(self, model: str, target: str, slot: int) -> list[int]:
+        series = self.series.get((model, target))
+        if series is None:
+            series = self.series[(model, target)] = ([-1] * SLOTS, [[] for _ in range(SLOTS)])
+        i = slot % SLOTS
+        if series[0][i] != slot:
+            series[0][i] = slot
+            series[1][i] = [0] * _ROW
+        return series[1][i]
+
+    def observe(self, model: str, target: str, seconds: float, failed: bool,
+                failed_first: list[str]) -> None:
+        slot = int(time.monotonic() // SLOT_S)
+        row = self._row(model, target, slot)
+        row[0] += 1
+        row[1] += failed
+        row[2 + bisect_left(LATENCY_BOUNDS, seconds)] += 1
+        for before in failed_first:
+            row = self._row(model, before, slot)
+            row[0] += 1
+            row[1] += 1
+
+    def copy(self) -> tuple[int, dict[tuple[str, str], list[list[int]]]]:
+        """The slots still inside the longest window, copied on the loop."""
+        now = int(time.monotonic() // SLOT_S)
+        return now, {key: [[stamp, *row] for stamp, row in zip(*series, strict=True)
+                           if now - SLOTS < stamp <= now]
+                     for key, series in self.series.items()}
+
+
+def window_stats(copied: tuple[int, dict[tuple[str, str], list[list[int]]]]
+                 ) -> dict[str, list[dict[str, Any]]]:
+    """Rate, p50/p95 latency, error share and traffic share per model and target, for each
+    window; computed from a copy, off the loop. Latencies are a bucket's upper bound."""
+    now, series = copied
+    stats: dict[str, list[dict[str, Any]]] = {}
+    for name, slots in WINDOWS.items():
+        rows = []
+        for (model, target), kept in series.items():
+            recent = [row[1:] for row in kept if row[0] > now - slots]
+            if not recent:
+                continue
+            total = [sum(column) for column in zip(*recent, strict=True)]
+            rows.append({"model": model, "target": target, "requests": total[0],
+                         "rate_per_s": round(total[0] / (slots * SLOT_S), 3),
+                         "p50_ms": _percentile(total[2:], 0.50),
+                         "p95_ms": _percentile(total[2:], 0.95),
+                         "error_share": round(total[1] / total[0], 4)})
+        served: dict[str, int] = {}
+        for row in rows:
+            if row["target"] not in ("none", "cache"):
+                served[row["model"]] = served.get(row["model"], 0) + row["requests"]
+        for row in rows:
+            whole = served.get(row["model"], 0)
+            row["traffic_share"] = round(row["requests"] / whole, 4) \
+                if whole and row["target"] not in ("none", "cache") else None
+        stats[name] = rows
+    return stats
+
+
+def _percentile(counts: list[int], q: float) -> float | None:
+    total = sum(counts)
+    if not total:
+        return None
+    seen = 0
+    for i, count in enumerate(counts):
+        seen += count
+        if seen >= q * total:
+            return round(LATENCY_BOUNDS[min(i, len(LATENCY_BOUNDS) - 1)] * 1000, 3)
+    return None
