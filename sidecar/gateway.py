@@ -258,10 +258,19 @@ def estimate_tokens(exchange: Exchange, default_max_tokens: int) -> int:
 
 def usage_of(body: bytes) -> tuple[int, int, int] | None:
     """`usage` of an OpenAI answer or chunk: prompt, completion and total tokens."""
-    try:
-        usage = orjson.loads(body).get("usage")
-    except (orjson.JSONDecodeError, AttributeError):
+    at = body.rfind(b'"usage"')
+    if at < 0:
         return None
+    try:
+        # Usage comes last in most answers: parsing from its key to the end costs a fraction
+        # of the whole body. Where the last "usage" key is nested deeper, that tail has
+        # more closing braces than opening ones, is not JSON, and the whole body is parsed.
+        usage = orjson.loads(b"{" + body[at:]).get("usage")
+    except orjson.JSONDecodeError:
+        try:
+            usage = orjson.loads(body).get("usage")
+        except (orjson.JSONDecodeError, AttributeError):
+            return None
     if not isinstance(usage, dict) or not isinstance(usage.get("total_tokens"), int):
         return None
     prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")

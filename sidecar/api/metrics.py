@@ -21,7 +21,7 @@ from sidecar.api.middleware import BrowserCheck
 from sidecar.appkeys import BACKENDS, CACHE, GATEWAY, LIMITER, METRICS, REDIS, SETTINGS, VERIFIER
 from sidecar.backends.local import LocalBackend
 from sidecar.errors import RouteNotFound
-from sidecar.observability.metrics import render, window_stats
+from sidecar.observability.metrics import LATENCY_BOUNDS, SLOT_S, WINDOWS, render
 from sidecar.security.jwt import Forbidden, Unauthorized
 
 METRICS_SCOPE = "sidecar:metrics"
@@ -175,3 +175,43 @@ def _engines(engines: dict[str, dict[str, Any]]) -> Iterator[Metric]:
     yield from counters.values()
 
 
+def window_stats(copied: tuple[int, dict[tuple[str, str], list[list[int]]]]
+                 ) -> dict[str, list[dict[str, Any]]]:
+    """Rate, p50/p95 latency, error share and traffic share per model and target, for each
+    window; computed from a copy, off the loop. Latencies are a bucket's upper bound."""
+    now, series = copied
+    stats: dict[str, list[dict[str, Any]]] = {}
+    for name, slots in WINDOWS.items():
+        rows = []
+        for (model, target), kept in series.items():
+            recent = [row[1:] for row in kept if row[0] > now - slots]
+            if not recent:
+                continue
+            total = [sum(column) for column in zip(*recent, strict=True)]
+            rows.append({"model": model, "target": target, "requests": total[0],
+                         "rate_per_s": round(total[0] / (slots * SLOT_S), 3),
+                         "p50_ms": _percentile(total[2:], 0.50),
+                         "p95_ms": _percentile(total[2:], 0.95),
+                         "error_share": round(total[1] / total[0], 4)})
+        served: dict[str, int] = {}
+        for row in rows:
+            if row["target"] not in ("none", "cache"):
+                served[row["model"]] = served.get(row["model"], 0) + row["requests"]
+        for row in rows:
+            whole = served.get(row["model"], 0)
+            row["traffic_share"] = round(row["requests"] / whole, 4) \
+                if whole and row["target"] not in ("none", "cache") else None
+        stats[name] = rows
+    return stats
+
+
+def _percentile(counts: list[int], q: float) -> float | None:
+    total = sum(counts)
+    if not total:
+        return None
+    seen = 0
+    for i, count in enumerate(counts):
+        seen += count
+        if seen >= q * total:
+            return round(LATENCY_BOUNDS[min(i, len(LATENCY_BOUNDS) - 1)] * 1000, 3)
+    return None

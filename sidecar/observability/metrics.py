@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import gzip
 import platform
-import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from sidecar.errors import RateLimited, SidecarError
 
 if TYPE_CHECKING:
     from sidecar.config import Settings
+    from sidecar.observability.record import RequestRecord
     from sidecar.observability.timing import RequestContext
 
 # OpenTelemetry's recommended boundaries; the durations go on past 82 s, because a slow local
@@ -80,12 +80,44 @@ class Histogram:
         self.bounds = bounds
         self.series: dict[Key, list[float]] = {}
 
-    def observe(self, key: Key, value: float) -> None:
+    def row(self, key: Key) -> list[float]:
         row = self.series.get(key)
         if row is None:
             row = self.series[key] = [0.0] * (len(self.bounds) + 2)
-        row[bisect_left(self.bounds, value)] += 1  # the first bound >= value: `le` semantics
-        row[-1] += value
+        return row
+
+
+def _add(row: list[float], bounds: tuple[float, ...], value: float) -> None:
+    row[bisect_left(bounds, value)] += 1  # the first bound >= value: `le` semantics
+    row[-1] += value
+
+
+def _cell(values: dict[Key, list[int]], key: Key) -> list[int]:
+    cell = values.get(key)
+    if cell is None:
+        cell = values[key] = [0]
+    return cell
+
+
+class _Shape:
+    """The rows one kind of request moves (same operation, model, target, status, stream and
+    ending), found once and kept: a request then costs a look-up and a few additions."""
+
+    __slots__ = ("disconnects", "duration", "failed", "requests", "selected", "target",
+                 "tokens_in", "tokens_out", "tpot", "ttft", "upstream", "window")
+
+    requests: list[int]
+    duration: list[float]
+    window: tuple[list[int], list[list[int]]]
+    failed: int
+    target: str
+    disconnects: list[int] | None
+    selected: list[int] | None  # the rest only for a request a target answered
+    upstream: list[float]
+    ttft: list[float] | None
+    tokens_in: list[float]
+    tokens_out: list[float]
+    tpot: list[float] | None
 
 
 # name, help, label names: the counters and histograms observed per request.
@@ -130,9 +162,10 @@ class Metrics:
         # Every target's label and its provider: the only target label values.
         self.targets = {f"{t.provider}/{t.model or name}": t.provider
                         for name, entry in settings.models.items() for t in entry.targets}
-        self.counters: dict[str, dict[Key, int]] = {name: {} for name in COUNTERS}
+        self.counters: dict[str, dict[Key, list[int]]] = {name: {} for name in COUNTERS}
         self.histograms = {name: Histogram(spec[2]) for name, spec in HISTOGRAMS.items()}
         self.windows = Windows()
+        self._shapes: dict[tuple[Any, ...], _Shape] = {}
         self.tls_cert = settings.server.tls_cert
         self._expiry: dict[tuple[str, float], float] = {}  # the render thread's alone
 
@@ -145,67 +178,115 @@ class Metrics:
     def observe(self, path: str, context: RequestContext, status: int,
                 error: SidecarError | None) -> None:
         """Count one finished request (its answer written, failed, or abandoned: 499)."""
-        door, operation = OPERATIONS.get(path) or (
-            _OTHER_API if path.startswith("/v1/") else (None, ""))
-        if door is None:
-            return  # health checks, the admin API and scrapes are not traffic
-        elapsed = perf_counter() - context.timing.start
+        now = perf_counter()
+        operation = OPERATIONS.get(path)
+        if operation is None:
+            if not path.startswith("/v1/"):
+                return  # health checks, the admin API and scrapes are not traffic
+            operation = _OTHER_API
         record = context.record
-        counters = self.counters
-        histograms = self.histograms
-        model = self._model(record.model)
-        _count(counters["llm_sidecar_requests"], (door, operation, model, f"{status // 100}xx",
-                                                  "true" if record.stream else "false"))
-        served = record.target
-        target = self._target(served) if served else (
-            "cache" if record.cache == "hit" else "none")
-        if status >= 400:
-            error_type = str(status)
-        elif record.stream_error:
-            error_type = record.stream_error if record.stream_error in _STREAM_ERRORS \
-                else "other"
-        else:
-            error_type = ""
-        histograms["gen_ai_client_operation_duration_seconds"].observe(
-            (operation, target, model, error_type), elapsed)
-        if isinstance(error, RateLimited):
-            # The request budget is taken before the path; the token budget inside it.
-            _count(counters["llm_sidecar_rate_limit_refusals"],
-                   ("tokens" if record.endpoint else "requests",))
-        elif error is not None and error.code == "overloaded":
-            _count(counters["llm_sidecar_rate_limit_refusals"], ("concurrency",))
-        if record.stream and (status == 499 or record.stream_error == "client_gone"):
-            _count(counters["llm_sidecar_client_disconnects"], (model, target))
-        failed_first = [self._target(t) for t in record.fallback_from]
-        # A client that left is not the target's failure.
-        self.windows.observe(model, target, elapsed,
-                             error_type not in ("", "499", "client_gone"), failed_first)
-        if not served:
+        model = record.model
+        if model not in self.models:
+            model = "other" if model else ""
+        ended = record.stream_error
+        if ended and ended not in _STREAM_ERRORS:
+            ended = "other"
+        # Every part of the key is bounded: configured names, fixed sets, HTTP statuses.
+        key = (operation, model, record.target, status, record.stream, ended,
+               record.cache == "hit")
+        shape = self._shapes.get(key)
+        if shape is None:
+            shape = self._shapes[key] = self._shape(*key)
+        elapsed = now - context.timing.start
+        shape.requests[0] += 1
+        _add(shape.duration, DURATION_BUCKETS, elapsed)
+        slot = int(now // SLOT_S)
+        stamps, rows = shape.window
+        i = slot % SLOTS
+        if stamps[i] != slot:
+            stamps[i] = slot
+            rows[i] = [0] * _ROW
+        row = rows[i]
+        row[0] += 1
+        row[1] += shape.failed
+        row[2 + bisect_left(LATENCY_BOUNDS, elapsed)] += 1
+        if error is not None or shape.disconnects is not None or record.fallback_from \
+                or record.spill_over_from:
+            self._rarer(record, error, shape, model, slot)
+        if shape.selected is None:
             return
-        histograms["llm_sidecar_upstream_duration_seconds"].observe(
-            (target,), context.timing.upstream)
-        _count(counters["llm_sidecar_target_selected"], (model, target))
-        for before in failed_first:
-            _count(counters["llm_sidecar_fallbacks"], (before, target))
-        for before in record.spill_over_from:
-            _count(counters["llm_sidecar_spill_overs"], (self._target(before), target))
-        genai = (operation, target, model)
+        shape.selected[0] += 1
+        _add(shape.upstream, DURATION_BUCKETS, context.timing.upstream)
         first = record.first_byte_s
-        if record.stream and first is not None:
-            histograms["gen_ai_server_time_to_first_token_seconds"].observe(genai, first)
+        if shape.ttft is not None and first is not None:
+            _add(shape.ttft, TTFT_BUCKETS, first)
         usage = record.usage
         if usage is not None:
-            tokens = histograms["gen_ai_client_token_usage"]
-            tokens.observe((*genai, "input"), usage[0])
-            tokens.observe((*genai, "output"), usage[1])
-            if record.stream and first is not None and usage[1] > 1 and not error_type:
-                histograms["gen_ai_server_time_per_output_token_seconds"].observe(
-                    genai, (elapsed - first) / (usage[1] - 1))
+            _add(shape.tokens_in, TOKEN_BUCKETS, usage[0])
+            _add(shape.tokens_out, TOKEN_BUCKETS, usage[1])
+            if shape.tpot is not None and first is not None and usage[1] > 1:
+                _add(shape.tpot, TPOT_BUCKETS, (elapsed - first) / (usage[1] - 1))
+
+    def _shape(self, operation: tuple[str, str], model: str, served: str, status: int,
+               stream: bool, ended: str, hit: bool) -> _Shape:
+        door, name = operation
+        counters, histograms = self.counters, self.histograms
+        shape = _Shape()
+        shape.requests = _cell(counters["llm_sidecar_requests"], (
+            door, name, model, f"{status // 100}xx", "true" if stream else "false"))
+        target = shape.target = self._target(served) if served else ("cache" if hit else "none")
+        error_type = str(status) if status >= 400 else ended
+        shape.duration = histograms["gen_ai_client_operation_duration_seconds"].row(
+            (name, target, model, error_type))
+        shape.window = self.windows.series_of(model, target)
+        # A client that left is not the target's failure.
+        shape.failed = int(error_type not in ("", "499", "client_gone"))
+        shape.disconnects = _cell(counters["llm_sidecar_client_disconnects"], (model, target)) \
+            if stream and (status == 499 or ended == "client_gone") else None
+        shape.selected = None
+        if not served:
+            return shape
+        shape.selected = _cell(counters["llm_sidecar_target_selected"], (model, target))
+        shape.upstream = histograms["llm_sidecar_upstream_duration_seconds"].row((target,))
+        genai = (name, target, model)
+        shape.ttft = histograms["gen_ai_server_time_to_first_token_seconds"].row(genai) \
+            if stream else None
+        tokens = histograms["gen_ai_client_token_usage"]
+        shape.tokens_in = tokens.row((*genai, "input"))
+        shape.tokens_out = tokens.row((*genai, "output"))
+        shape.tpot = histograms["gen_ai_server_time_per_output_token_seconds"].row(genai) \
+            if stream and not error_type else None
+        return shape
+
+    def _rarer(self, record: RequestRecord, error: SidecarError | None, shape: _Shape,
+               model: str, slot: int) -> None:
+        """Refusals, disconnects, fallbacks and spill-overs: not on every request."""
+        counters = self.counters
+        if isinstance(error, RateLimited):
+            # The request budget is taken before the path; the token budget inside it.
+            _cell(counters["llm_sidecar_rate_limit_refusals"],
+                  ("tokens" if record.endpoint else "requests",))[0] += 1
+        elif error is not None and error.code == "overloaded":
+            _cell(counters["llm_sidecar_rate_limit_refusals"], ("concurrency",))[0] += 1
+        if shape.disconnects is not None:
+            shape.disconnects[0] += 1
+        for label in record.fallback_from:
+            before = self._target(label)
+            if shape.selected is not None:
+                _cell(counters["llm_sidecar_fallbacks"], (before, shape.target))[0] += 1
+            row = self.windows.row(model, before, slot)
+            row[0] += 1
+            row[1] += 1
+        if shape.selected is not None:
+            for label in record.spill_over_from:
+                _cell(counters["llm_sidecar_spill_overs"],
+                      (self._target(label), shape.target))[0] += 1
 
     def snapshot(self, parts: Callable[[], Iterator[Metric]]) -> Snapshot:
         """A copy of the numbers, taken on the loop, for a thread to render."""
         return Snapshot(
-            {name: dict(values) for name, values in self.counters.items()},
+            {name: {k: cell[0] for k, cell in values.items()}
+             for name, values in self.counters.items()},
             {name: {k: row.copy() for k, row in h.series.items()}
              for name, h in self.histograms.items()},
             self, parts)
@@ -228,10 +309,6 @@ class Metrics:
         except (OSError, ValueError):
             return None
         return known
-
-
-def _count(values: dict[Key, int], key: Key) -> None:
-    values[key] = values.get(key, 0) + 1
 
 
 @dataclass(slots=True)
@@ -296,73 +373,24 @@ class Windows:
     def __init__(self) -> None:
         self.series: dict[tuple[str, str], tuple[list[int], list[list[int]]]] = {}
 
-    def _row(self, model: str, target: str, slot: int) -> list[int]:
+    def series_of(self, model: str, target: str) -> tuple[list[int], list[list[int]]]:
+        """The slots of one model and target: each slot's number, and its row."""
         series = self.series.get((model, target))
         if series is None:
             series = self.series[(model, target)] = ([-1] * SLOTS, [[] for _ in range(SLOTS)])
-        i = slot % SLOTS
-        if series[0][i] != slot:
-            series[0][i] = slot
-            series[1][i] = [0] * _ROW
-        return series[1][i]
+        return series
 
-    def observe(self, model: str, target: str, seconds: float, failed: bool,
-                failed_first: list[str]) -> None:
-        slot = int(time.monotonic() // SLOT_S)
-        row = self._row(model, target, slot)
-        row[0] += 1
-        row[1] += failed
-        row[2 + bisect_left(LATENCY_BOUNDS, seconds)] += 1
-        for before in failed_first:
-            row = self._row(model, before, slot)
-            row[0] += 1
-            row[1] += 1
+    def row(self, model: str, target: str, slot: int) -> list[int]:
+        stamps, rows = self.series_of(model, target)
+        i = slot % SLOTS
+        if stamps[i] != slot:
+            stamps[i] = slot
+            rows[i] = [0] * _ROW
+        return rows[i]
 
     def copy(self) -> tuple[int, dict[tuple[str, str], list[list[int]]]]:
         """The slots still inside the longest window, copied on the loop."""
-        now = int(time.monotonic() // SLOT_S)
+        now = int(perf_counter() // SLOT_S)  # the clock of the requests' timings
         return now, {key: [[stamp, *row] for stamp, row in zip(*series, strict=True)
                            if now - SLOTS < stamp <= now]
                      for key, series in self.series.items()}
-
-
-def window_stats(copied: tuple[int, dict[tuple[str, str], list[list[int]]]]
-                 ) -> dict[str, list[dict[str, Any]]]:
-    """Rate, p50/p95 latency, error share and traffic share per model and target, for each
-    window; computed from a copy, off the loop. Latencies are a bucket's upper bound."""
-    now, series = copied
-    stats: dict[str, list[dict[str, Any]]] = {}
-    for name, slots in WINDOWS.items():
-        rows = []
-        for (model, target), kept in series.items():
-            recent = [row[1:] for row in kept if row[0] > now - slots]
-            if not recent:
-                continue
-            total = [sum(column) for column in zip(*recent, strict=True)]
-            rows.append({"model": model, "target": target, "requests": total[0],
-                         "rate_per_s": round(total[0] / (slots * SLOT_S), 3),
-                         "p50_ms": _percentile(total[2:], 0.50),
-                         "p95_ms": _percentile(total[2:], 0.95),
-                         "error_share": round(total[1] / total[0], 4)})
-        served: dict[str, int] = {}
-        for row in rows:
-            if row["target"] not in ("none", "cache"):
-                served[row["model"]] = served.get(row["model"], 0) + row["requests"]
-        for row in rows:
-            whole = served.get(row["model"], 0)
-            row["traffic_share"] = round(row["requests"] / whole, 4) \
-                if whole and row["target"] not in ("none", "cache") else None
-        stats[name] = rows
-    return stats
-
-
-def _percentile(counts: list[int], q: float) -> float | None:
-    total = sum(counts)
-    if not total:
-        return None
-    seen = 0
-    for i, count in enumerate(counts):
-        seen += count
-        if seen >= q * total:
-            return round(LATENCY_BOUNDS[min(i, len(LATENCY_BOUNDS) - 1)] * 1000, 3)
-    return None
