@@ -4,14 +4,19 @@ settings that shape them: the sidecar as a real process, reached over loopback."
 from __future__ import annotations
 
 import re
+import ssl
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import pytest
+from cryptography import x509
 
 from sidecar import config
 from tests.support.auth_helpers import Issuer, jwt_config, make_issuer
-from tests.support.sidecar import Sidecar, base_config
+from tests.support.sidecar import ROOT, Sidecar, base_config
 from tests.support.upstream_mock import MockUpstream
 
 USER = [{"role": "user", "content": "Hello there"}]
@@ -146,3 +151,21 @@ def test_the_metrics_path_must_be_a_path_of_its_own(path: str) -> None:
                              "providers": {"p": {"kind": "openai",
                                                  "base_url": "http://127.0.0.1:1/v1"}},
                              "metrics": {"path": path}})
+
+
+def test_the_served_certificates_expiry_is_a_gauge(sidecar_factory: Factory,
+                                                   tmp_path: Path) -> None:
+    made = subprocess.run([sys.executable, "-m", "sidecar", "gen-cert", "--out", str(tmp_path),
+                           "--hosts", "127.0.0.1", "--days", "3"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    served = sidecar_factory(server=f'tls_cert = "{tmp_path / "cert.pem"}"\n'
+                                    f'tls_key = "{tmp_path / "key.pem"}"')
+    expires = x509.load_pem_x509_certificate(
+        (tmp_path / "cert.pem").read_bytes()).not_valid_after_utc.timestamp()
+    text = httpx.get(served.url + "/metrics",
+                     verify=ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))).text
+    found = re.search(r"^llm_sidecar_tls_certificate_expiry_timestamp_seconds (\S+)$", text,
+                      re.M)
+    assert found, text[-2000:]
+    assert float(found[1]) == expires
