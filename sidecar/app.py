@@ -134,6 +134,7 @@ async def _redis(app: web.Application) -> AsyncIterator[None]:
     tier = app[REDIS] = RedisTier(settings.redis_url, settings.timeout_ms / 1000,
                                   settings.circuit_s, cluster=settings.cluster)
     app[LIMITER].share(tier)
+    await tier.warm()
     yield
     await tier.close()
 
