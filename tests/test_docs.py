@@ -266,3 +266,12 @@ def test_every_relative_link_in_the_docs_points_at_a_file(page: Path) -> None:
                 fragment and path.suffix == ".md" and fragment not in anchors(path)):
             broken.append(link)
     assert broken == [], f"{page.name} has broken links: {broken}"
+
+
+def test_the_example_config_shows_every_key() -> None:
+    """config/example.toml says it shows every option: each key, set or commented out."""
+    example = (ROOT / "config" / "example.toml").read_text(encoding="utf-8")
+    missing = sorted({f"{section.path}.{key}" for section in all_sections()
+                      for key in section.keys
+                      if not re.search(rf"(^|[\s{{,#]){re.escape(key)}\s*=", example, re.M)})
+    assert not missing, f"config/example.toml lacks {missing}"
