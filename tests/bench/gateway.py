@@ -16,9 +16,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Coroutine, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import jwt
@@ -158,6 +159,29 @@ async def stream_timings(url: str, requests: int, chunks: int, delay_ms: float
     return lags, ttfb
 
 
+async def scraped_while(streams: Coroutine[Any, Any, tuple[list[float], list[float]]],
+                        metrics_url: str) -> list[float]:
+    """The chunk delays of `streams`, measured while a scraper reads `metrics_url` every
+    100 ms, as Prometheus would (far more often than it does)."""
+    done = asyncio.Event()
+
+    async def scrape() -> None:
+        async with aiohttp.ClientSession() as session:
+            while not done.is_set():
+                async with session.get(metrics_url) as response:
+                    assert response.status == 200, await response.text()
+                    await response.read()
+                await asyncio.sleep(0.1)
+
+    scraper = asyncio.create_task(scrape())
+    try:
+        lags, _ = await streams
+    finally:
+        done.set()
+        await scraper
+    return lags
+
+
 async def first_byte_times(urls: list[str], rounds: int, per_round: int) -> list[list[float]]:
     """Time to the first body byte of short streams, alternating between the urls."""
     body = orjson.dumps({**CHAT, "stream": True, "bench": {"chunks": 2, "delay_ms": 0}})
@@ -236,14 +260,15 @@ def main() -> int:
     jwt_script = work / "post-jwt.lua"
     jwt_script.write_text(script.read_text()
                           + f'wrk.headers["Authorization"] = "Bearer {token}"\n')
-    mock_port, floor_port, one_port, three_port, jwt_port, cache_port = (
-        free_port() for _ in range(6))
+    mock_port, floor_port, one_port, three_port, jwt_port, cache_port, quiet_port = (
+        free_port() for _ in range(7))
     env = {"BENCH_UPSTREAM_KEY": "sk-bench-not-a-real-key", "PYTHONUNBUFFERED": "1"}
     configs = {}
     for name, port, targets, auth in (
             ("one", one_port, ONE_TARGET, ""), ("three", three_port, THREE_TARGETS, ""),
             ("jwt", jwt_port, ONE_TARGET, JWT_AUTH.format(public=public)),
-            ("cache", cache_port, ONE_TARGET, "\n[cache]\nenabled = true\n")):
+            ("cache", cache_port, ONE_TARGET, "\n[cache]\nenabled = true\n"),
+            ("quiet", quiet_port, ONE_TARGET, "\n[metrics]\nenabled = false\n")):
         path = work / f"{name}.toml"
         path.write_text(SIDECAR_CONFIG.format(port=port, mock=mock_port, targets=targets) + auth)
         configs[name] = path
@@ -259,13 +284,16 @@ def main() -> int:
          process([PY, "-m", "sidecar", "serve", "--config", str(configs["jwt"])], SERVER_CPU,
                  jwt_port, work / "sidecar-jwt.log", env) as sidecar_jwt, \
          process([PY, "-m", "sidecar", "serve", "--config", str(configs["cache"])], SERVER_CPU,
-                 cache_port, work / "sidecar-cache.log", env) as sidecar_cache:
+                 cache_port, work / "sidecar-cache.log", env) as sidecar_cache, \
+         process([PY, "-m", "sidecar", "serve", "--config", str(configs["quiet"])], SERVER_CPU,
+                 quiet_port, work / "sidecar-quiet.log", env) as sidecar_quiet:
         direct = f"http://127.0.0.1:{mock_port}/v1/chat/completions"
         urls = {"floor": f"http://127.0.0.1:{floor_port}/v1/chat/completions",
                 "sidecar": f"http://127.0.0.1:{one_port}/v1/chat/completions",
                 "sidecar3": f"http://127.0.0.1:{three_port}/v1/chat/completions",
                 "sidecar_jwt": f"http://127.0.0.1:{jwt_port}/v1/chat/completions",
-                "sidecar_cache": f"http://127.0.0.1:{cache_port}/v1/chat/completions"}
+                "sidecar_cache": f"http://127.0.0.1:{cache_port}/v1/chat/completions",
+                "sidecar_quiet": f"http://127.0.0.1:{quiet_port}/v1/chat/completions"}
         scripts = {name: script for name in urls}
         scripts["sidecar_jwt"] = jwt_script
         scripts["sidecar_cache"] = cache_script  # temperature 0: every request after the first hits
@@ -274,7 +302,8 @@ def main() -> int:
 
         # This machine is shared and noisy: short runs, alternated, compared pair by pair.
         pids = {"floor": floor.pid, "sidecar": sidecar.pid, "sidecar3": sidecar3.pid,
-                "sidecar_jwt": sidecar_jwt.pid, "sidecar_cache": sidecar_cache.pid}
+                "sidecar_jwt": sidecar_jwt.pid, "sidecar_cache": sidecar_cache.pid,
+                "sidecar_quiet": sidecar_quiet.pid}
         runs: dict[str, list[dict[str, float]]] = {name: [] for name in urls}
         for _ in range(args.rounds):
             for name, url in urls.items():
@@ -302,6 +331,7 @@ def main() -> int:
                 ">= 0.90")
         compare("cache hits vs uncached proxying (both llm-sidecar)", "sidecar", "sidecar_cache",
                 ">= 1.50")
+        compare("metrics on vs off (both llm-sidecar)", "sidecar_quiet", "sidecar", ">= 0.97")
 
         lat: dict[str, list[dict[str, float]]] = {"direct": [], "floor": [], "sidecar": [],
                                                   "cache": []}
@@ -330,6 +360,11 @@ def main() -> int:
         rows.append(("stream: chunk leaves mock -> reaches client, p99 ms (64 x 20 ms)",
                      f"{pct(direct_lags, 0.99):.3f} direct", f"{pct(side_lags, 0.99):.3f}",
                      f"+{pct(side_lags, 0.99) - pct(direct_lags, 0.99):.3f} ms", "<= 2 ms"))
+        scraped_lags = asyncio.run(scraped_while(
+            stream_timings(urls["sidecar"], 10, 64, 20), f"http://127.0.0.1:{one_port}/metrics"))
+        rows.append(("stream: the same, p99 ms, with a scrape of /metrics every 100 ms",
+                     f"{pct(side_lags, 0.99):.3f} unscraped", f"{pct(scraped_lags, 0.99):.3f}",
+                     f"+{pct(scraped_lags, 0.99) - pct(side_lags, 0.99):.3f} ms", "<= 2 ms"))
         added_ttfb = statistics.median(side_ttfb) - statistics.median(direct_ttfb)
         rows.append(("stream: time to first byte p50, ms (200 short streams)",
                      f"{statistics.median(direct_ttfb):.3f} direct",
