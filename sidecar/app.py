@@ -34,12 +34,18 @@ from sidecar.appkeys import (
 )
 from sidecar.backends.base import Backend
 from sidecar.backends.local import LocalBackend
+from sidecar.backends.upstream_anthropic import AnthropicUpstream
 from sidecar.backends.upstream_openai import OpenAIUpstream
 from sidecar.cache.answers import AnswerCache
 from sidecar.cache.memory import MemoryCache
 from sidecar.cache.redis_tier import RedisTier
 from sidecar.cache.response_cache import ResponseCache
-from sidecar.config import LocalProviderSettings, Settings, metrics_listener
+from sidecar.config import (
+    AnthropicProviderSettings,
+    LocalProviderSettings,
+    Settings,
+    metrics_listener,
+)
 from sidecar.engines.factory import make_engine
 from sidecar.gateway import Gateway, Readiness
 from sidecar.observability.logging import AccessLog, LineWriter
@@ -175,6 +181,10 @@ async def _backends(app: web.Application) -> AsyncIterator[None]:
                 # Requests are sent as the client wrote them; the sidecar adds no cookies.
                 session = sessions[origin] = aiohttp.ClientSession(
                     connector=connector, cookie_jar=aiohttp.DummyCookieJar())
+            if isinstance(provider, AnthropicProviderSettings):
+                backends[name] = AnthropicUpstream(name, provider, settings.api_keys.get(name),
+                                                   session, settings.server.heartbeat_s)
+                continue
             backends[name] = OpenAIUpstream(name, provider, settings.api_keys.get(name),
                                             session, settings.server.heartbeat_s)
         yield

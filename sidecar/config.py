@@ -66,11 +66,10 @@ class ServerSettings(Struct, kw_only=True, forbid_unknown_fields=True):
     allowed_hosts: list[str] = []
 
 
-class ProviderSettings(Struct, kw_only=True, forbid_unknown_fields=True, tag_field="kind",
-                       tag="openai"):
-    """An upstream that speaks the OpenAI API (kind = "openai")."""
+class UpstreamSettings(Struct, kw_only=True, forbid_unknown_fields=True):
+    """What every upstream provider has, whatever protocol it speaks: its key, timeouts,
+    retries and limits."""
 
-    base_url: str
     api_key_env: str | None = None
     api_key_file: str | None = None
     timeout_connect_s: PositiveFloat = 5.0
@@ -88,6 +87,22 @@ class ProviderSettings(Struct, kw_only=True, forbid_unknown_fields=True, tag_fie
     max_response_bytes: Annotated[int, Meta(ge=1024)] = 64 * 1024 * 1024
     # One event of a stream, likewise: a stream that never separates its events is cut here.
     max_event_bytes: Annotated[int, Meta(ge=1024)] = 4 * 1024 * 1024
+
+
+class ProviderSettings(UpstreamSettings, tag_field="kind", tag="openai"):
+    """An upstream that speaks the OpenAI API (kind = "openai")."""
+
+    base_url: str
+
+
+class AnthropicProviderSettings(UpstreamSettings, tag_field="kind", tag="anthropic"):
+    """An upstream that speaks Anthropic's Messages API (kind = "anthropic"); OpenAI clients
+    reach it through a translation."""
+
+    base_url: str = "https://api.anthropic.com"
+    anthropic_version: str = "2023-06-01"
+    # Anthropic requires max_tokens; OpenAI clients often leave it out.
+    default_max_tokens: Annotated[int, Meta(ge=1)] = 4096
 
 
 class LocalProviderSettings(Struct, kw_only=True, forbid_unknown_fields=True, tag_field="kind",
@@ -121,7 +136,7 @@ class LocalProviderSettings(Struct, kw_only=True, forbid_unknown_fields=True, ta
     idle_priority: bool = True
 
 
-AnyProvider = ProviderSettings | LocalProviderSettings
+AnyProvider = ProviderSettings | AnthropicProviderSettings | LocalProviderSettings
 
 
 class TargetSettings(Struct, kw_only=True, forbid_unknown_fields=True):
@@ -509,7 +524,7 @@ def table_key(name: str) -> str:
 def _check(settings: Settings) -> None:
     src = settings.source
     for name, provider in settings.providers.items():
-        if not isinstance(provider, ProviderSettings):
+        if not isinstance(provider, UpstreamSettings):
             continue
         key = f"providers.{table_key(name)}"
         url = urlsplit(provider.base_url)
@@ -545,7 +560,7 @@ def _resolve_keys(settings: Settings) -> dict[str, Secret]:
     keys: dict[str, Secret] = {}
     src = settings.source
     for name, provider in settings.providers.items():
-        if not isinstance(provider, ProviderSettings):
+        if not isinstance(provider, UpstreamSettings):
             continue
         key = f"providers.{table_key(name)}"
         if provider.api_key_env:

@@ -11,13 +11,22 @@ from sidecar.errors import SidecarError
 
 
 @dataclass(slots=True)
+class ImagePart:
+    url: str  # an http(s) URL, or a data: URL that holds the image
+    detail: str | None = None  # OpenAI's "low" | "high" | "auto"
+
+
+@dataclass(slots=True)
 class ChatMessage:
     role: str  # "system" | "user" | "assistant" | "tool"
-    content: str
+    content: str  # the message's text (its text parts joined by newlines)
     # An assistant's tool calls ({"id", "name", "arguments"}), or the call a tool message
     # answers.
     tool_calls: list[dict[str, str]] = field(default_factory=list)
     tool_call_id: str | None = None
+    # The content in its order when it holds images (text parts as strings); empty for a
+    # message of text only, which `content` says whole.
+    parts: list[str | ImagePart] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -38,6 +47,7 @@ class ChatRequest:
     # Function tools as OpenAI describes them: {"name", "description", "parameters"}.
     tools: list[dict[str, Any]] = field(default_factory=list)
     tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
 
 @dataclass(slots=True)
@@ -60,8 +70,9 @@ class Finish:
 
 @dataclass(slots=True)
 class Usage:
-    prompt_tokens: int
+    prompt_tokens: int  # every input token, those read from a prompt cache included
     completion_tokens: int
+    cached_tokens: int | None = None  # of the prompt's, those read from a prompt cache
 
     @property
     def total_tokens(self) -> int:

@@ -14,6 +14,7 @@ from sidecar.protocol.chat import (
     ChatRequest,
     Event,
     Finish,
+    ImagePart,
     StreamFailure,
     TextDelta,
     ToolCallDelta,
@@ -45,6 +46,7 @@ def request_from_openai(payload: dict[str, Any]) -> ChatRequest:
         include_usage=isinstance(options, dict) and bool(options.get("include_usage")),
         user=payload.get("user"),
         tool_choice=payload.get("tool_choice"),
+        parallel_tool_calls=_flag(payload.get("parallel_tool_calls")),
     )
     for tool in payload.get("tools") or ():
         function = tool.get("function") if isinstance(tool, dict) else None
@@ -60,7 +62,7 @@ def request_to_openai(request: ChatRequest) -> dict[str, Any]:
     body: dict[str, Any] = {"model": request.model,
                             "messages": [_message_out(m) for m in request.messages]}
     for name in ("max_tokens", "temperature", "top_p", "presence_penalty",
-                 "frequency_penalty", "seed", "user", "tool_choice"):
+                 "frequency_penalty", "seed", "user", "tool_choice", "parallel_tool_calls"):
         value = getattr(request, name)
         if value is not None:
             body[name] = value
@@ -77,20 +79,29 @@ def request_to_openai(request: ChatRequest) -> dict[str, Any]:
 
 def _message(raw: dict[str, Any], i: int) -> ChatMessage:
     content = raw.get("content")
+    parts: list[str | ImagePart] = []
     if isinstance(content, list):
-        texts = []
         for j, part in enumerate(content):
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text" and isinstance(part.get("text"), str):
-                texts.append(part["text"])
+                parts.append(part["text"])
                 continue
+            if kind == "image_url":
+                image = part.get("image_url")
+                url = image.get("url") if isinstance(image, dict) else image
+                if isinstance(url, str) and url:
+                    detail = image.get("detail") if isinstance(image, dict) else None
+                    parts.append(ImagePart(url, detail if isinstance(detail, str) else None))
+                    continue
             raise InvalidRequest(
-                f"This model reads text only; messages[{i}].content[{j}] is "
-                f"{kind or 'not a content part'!r}.",
+                f"This model reads text and images only; messages[{i}].content[{j}] is "
+                f"{kind or 'not a content part'!r}" + (" without a URL." if kind else "."),
                 param=f"messages[{i}].content[{j}]", code="unsupported_content")
-        content = "\n".join(texts)
+        content = "\n".join(p for p in parts if isinstance(p, str))
     message = ChatMessage(_ROLES.get(str(raw.get("role")), str(raw.get("role"))),
                           content if isinstance(content, str) else "")
+    if any(isinstance(p, ImagePart) for p in parts):
+        message.parts = parts
     for call in raw.get("tool_calls") or ():
         function = call.get("function") if isinstance(call, dict) else None
         if isinstance(function, dict):
@@ -104,6 +115,12 @@ def _message(raw: dict[str, Any], i: int) -> ChatMessage:
 
 def _message_out(message: ChatMessage) -> dict[str, Any]:
     out: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.parts:
+        out["content"] = [
+            {"type": "text", "text": p} if isinstance(p, str) else
+            {"type": "image_url", "image_url": {"url": p.url} | (
+                {"detail": p.detail} if p.detail is not None else {})}
+            for p in message.parts]
     if message.tool_calls:
         out["tool_calls"] = [{"id": c["id"], "type": "function",
                               "function": {"name": c["name"], "arguments": c["arguments"]}}
@@ -111,6 +128,10 @@ def _message_out(message: ChatMessage) -> dict[str, Any]:
     if message.tool_call_id is not None:
         out["tool_call_id"] = message.tool_call_id
     return out
+
+
+def _flag(value: object) -> bool | None:
+    return value if isinstance(value, bool) else None
 
 
 def _number(value: object) -> float | None:
@@ -148,8 +169,7 @@ def events_from_chunk(data: bytes) -> list[Event]:
             events.append(Finish(str(choice["finish_reason"])))
     usage = chunk.get("usage")
     if isinstance(usage, dict):
-        events.append(Usage(int(usage.get("prompt_tokens") or 0),
-                            int(usage.get("completion_tokens") or 0)))
+        events.append(usage_from_json(usage))
     return events
 
 
@@ -203,9 +223,15 @@ def answer_json(head: dict[str, Any], chat: bool, events: list[Event]) -> bytes:
     finish = next((e.reason for e in reversed(events) if isinstance(e, Finish)), "stop")
     usage = next((e for e in reversed(events) if isinstance(e, Usage)), None)
     if chat:
-        choice: dict[str, Any] = {
-            "index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
-            "logprobs": None, "finish_reason": finish}
+        calls = _tool_calls(events)
+        # With tool calls and no text, OpenAI says `content: null`.
+        message: dict[str, Any] = {
+            "role": "assistant", "content": text if text or not calls else None,
+            "refusal": None}
+        if calls:
+            message["tool_calls"] = calls
+        choice: dict[str, Any] = {"index": 0, "message": message, "logprobs": None,
+                                  "finish_reason": finish}
     else:
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
     body = {**head, "choices": [choice]}
@@ -214,6 +240,33 @@ def answer_json(head: dict[str, Any], chat: bool, events: list[Event]) -> bytes:
     return orjson.dumps(body)
 
 
-def usage_json(usage: Usage) -> dict[str, int]:
-    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-            "total_tokens": usage.total_tokens}
+def _tool_calls(events: list[Event]) -> list[dict[str, Any]]:
+    """The tool calls the deltas spell, in the order of their indices."""
+    calls: dict[int, dict[str, Any]] = {}
+    for event in events:
+        if not isinstance(event, ToolCallDelta):
+            continue
+        call = calls.setdefault(event.index, {"id": "", "type": "function",
+                                              "function": {"name": "", "arguments": ""}})
+        if event.id is not None:
+            call["id"] = event.id
+        if event.name is not None:
+            call["function"]["name"] = event.name
+        call["function"]["arguments"] += event.arguments
+    return [calls[index] for index in sorted(calls)]
+
+
+def usage_json(usage: Usage) -> dict[str, Any]:
+    body: dict[str, Any] = {"prompt_tokens": usage.prompt_tokens,
+                            "completion_tokens": usage.completion_tokens,
+                            "total_tokens": usage.total_tokens}
+    if usage.cached_tokens is not None:
+        body["prompt_tokens_details"] = {"cached_tokens": usage.cached_tokens}
+    return body
+
+
+def usage_from_json(usage: dict[str, Any]) -> Usage:
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    return Usage(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0),
+                 int(cached) if isinstance(cached, int) else None)

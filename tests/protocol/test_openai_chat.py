@@ -10,6 +10,7 @@ from sidecar.protocol.chat import (
     ChatMessage,
     ChatRequest,
     Finish,
+    ImagePart,
     StreamFailure,
     TextDelta,
     ToolCallDelta,
@@ -57,11 +58,33 @@ def test_tools_and_tool_calls_survive_a_round_trip() -> None:
     assert request_to_openai(request_from_openai(body)) == body
 
 
-def test_an_image_part_is_refused_naming_its_place() -> None:
+def test_image_parts_are_carried_in_order_beside_the_text() -> None:
+    body = {"model": "m", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "what is it?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA",
+                                            "detail": "low"}},
+        {"type": "image_url", "image_url": {"url": "https://example.com/a.jpg"}}]}]}
+    (message,) = request_from_openai(body).messages
+    assert message.content == "what is it?"
+    assert message.parts == ["what is it?", ImagePart("data:image/png;base64,AAAA", "low"),
+                             ImagePart("https://example.com/a.jpg")]
+    assert request_to_openai(request_from_openai(body)) == body
+
+
+def test_a_part_that_is_neither_text_nor_image_is_refused_naming_its_place() -> None:
     with pytest.raises(InvalidRequest) as caught:
         request_from_openai({"model": "m", "messages": [
-            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]})
+            {"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]})
     assert caught.value.param == "messages[0].content[0]"
+    with pytest.raises(InvalidRequest):
+        request_from_openai({"model": "m", "messages": [
+            {"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]})
+
+
+def test_parallel_tool_calls_survive_a_round_trip() -> None:
+    body = {"model": "m", "messages": [], "parallel_tool_calls": False}
+    assert request_from_openai(body).parallel_tool_calls is False
+    assert request_to_openai(request_from_openai(body)) == body
 
 
 def test_a_chunk_becomes_its_events() -> None:
@@ -101,6 +124,23 @@ def test_a_whole_answer_joins_the_text_and_keeps_the_last_finish_and_usage() -> 
     assert body["usage"] == {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4}
     legacy = orjson.loads(answer_json({"object": "text_completion"}, False, [TextDelta("a")]))
     assert legacy["choices"][0]["text"] == "a" and "usage" not in legacy
+
+
+def test_a_whole_answer_carries_its_tool_calls_with_null_content() -> None:
+    body = orjson.loads(answer_json({"id": "x"}, True, [
+        ToolCallDelta(0, "c0", "f", '{"a"'), ToolCallDelta(1, "c1", "g", "{}"),
+        ToolCallDelta(0, arguments=":1}"), Finish("tool_calls")]))
+    message = body["choices"][0]["message"]
+    assert message["content"] is None
+    assert message["tool_calls"] == [
+        {"id": "c0", "type": "function", "function": {"name": "f", "arguments": '{"a":1}'}},
+        {"id": "c1", "type": "function", "function": {"name": "g", "arguments": "{}"}}]
+
+
+def test_cached_prompt_tokens_are_written_and_read_back() -> None:
+    chunk = ChunkWriter(HEAD, chat=True).event(Usage(10, 2, cached_tokens=7))
+    assert orjson.loads(chunk)["usage"]["prompt_tokens_details"] == {"cached_tokens": 7}
+    assert events_from_chunk(chunk) == [Usage(10, 2, 7)]
 
 
 def test_the_internal_form_needs_only_a_model() -> None:
