@@ -4,7 +4,9 @@ process, to a fake Anthropic upstream on loopback that speaks the Messages wire 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -13,7 +15,7 @@ import orjson
 import pytest
 
 from tests.support.anthropic_mock import ANTHROPIC_KEY, AnthropicMock
-from tests.support.sidecar import Sidecar, base_config, start_sidecar
+from tests.support.sidecar import QUIET_ROUTING, Sidecar, base_config, start_sidecar
 from tests.support.upstream_mock import MockUpstream
 
 WEATHER: Any = [{"type": "function", "function": {
@@ -373,3 +375,22 @@ def test_legacy_completions_on_an_anthropic_model_are_refused(claude: Sidecar,
                           json={"model": "claude", "prompt": "hi"})
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "unsupported_endpoint"
+
+
+def test_the_probe_asks_anthropics_models_endpoint_with_the_key(
+        anthropic: AnthropicMock, mock_upstream: MockUpstream, tmp_path: Path) -> None:
+    routing = QUIET_ROUTING.replace("probe_interval_s = 0", "probe_interval_s = 60")
+    probed = start_sidecar(base_config(mock_upstream, extra=providers(anthropic),
+                                       routing=routing),
+                           tmp_path, env={"ANTHROPIC_TEST_KEY": ANTHROPIC_KEY})
+    try:
+        deadline = time.monotonic() + 10
+        while not anthropic.probes and time.monotonic() < deadline:
+            time.sleep(0.02)
+        (headers,) = anthropic.probes
+        assert headers["x-api-key"] == ANTHROPIC_KEY
+        assert headers["anthropic-version"] == "2023-06-01"
+        reply = probed.client().chat.completions.create(model="claude", messages=ask("up?"))
+        assert reply.choices[0].message.content == "echo: up?"  # the probe kept it in rotation
+    finally:
+        probed.stop()

@@ -50,6 +50,7 @@ class AnthropicMock(ThreadedServer):
         super().__init__()
         self.key = key
         self.requests: list[Seen] = []
+        self.probes: list[CIMultiDict[str]] = []  # the headers of each GET /v1/models
         self._counters: dict[str, int] = {}
 
     @property
@@ -64,12 +65,14 @@ class AnthropicMock(ThreadedServer):
 
     def reset(self) -> None:
         self.requests.clear()
+        self.probes.clear()
         self._counters.clear()
 
     def count(self, key: str) -> int:
         return self._counters.get(key, 0)
 
     async def _models(self, request: web.Request) -> web.StreamResponse:
+        self.probes.append(request.headers.copy())
         refused = self._check(request)
         return refused or web.json_response({"data": [{"type": "model", "id": "claude-test"}]})
 
