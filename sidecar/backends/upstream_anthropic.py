@@ -83,15 +83,13 @@ class AnthropicUpstream(HttpUpstream):
                     if isinstance(event, StreamFailure):
                         raise event.error
                     if chunks is None:
+                        # The role chunk waits for the answer's first word: an error event
+                        # before it (overloaded, at once) still lets another target answer.
                         chunks = self._writer(state, request)
                         yield chunks.role()
                     if isinstance(event, Usage) and not request.include_usage:
                         continue
                     yield chunks.event(event)
-                if chunks is None and state.id is not None:
-                    # message_start: the role chunk goes out at once, as OpenAI's does.
-                    chunks = self._writer(state, request)
-                    yield chunks.role()
         finally:
             await events.aclose()
 

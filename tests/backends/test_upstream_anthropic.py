@@ -299,6 +299,17 @@ def test_fallback_goes_from_an_openai_target_to_an_anthropic_one(
     assert "mock" not in anthropic.requests[0].body  # nothing untranslated goes through
 
 
+def test_an_error_event_before_the_first_word_lets_another_target_answer(
+        claude: Sidecar, anthropic: AnthropicMock, upstream: MockUpstream) -> None:
+    with httpx.stream("POST", claude.base_url + "/chat/completions", timeout=30, json={
+            "model": "claude-then-openai", "stream": True,
+            "messages": steer(error_first=True)}) as response:
+        raw = b"".join(response.iter_raw())
+    assert response.status_code == 200
+    assert response.headers["X-Sidecar-Target"] == "mock/mock-gpt"
+    assert raw.endswith(b"data: [DONE]\n\n") and b"\"content\":\"Hello\"" in raw
+
+
 @pytest.mark.parametrize("fault", [{"break_after": 6}, {"error_event": True},
                                    {"no_stop": True}])
 def test_a_stream_that_breaks_after_the_first_byte_ends_with_an_error_event(

@@ -14,6 +14,7 @@ its own: it writes a user text that starts with `mock:` and a JSON object instea
                         per `key`); `retry_after` adds that header; `echo_key` quotes the
                         x-api-key received in the error's message
     error_event         a stream: after the first text delta, an `error` event (overloaded)
+    error_first         a stream: an `error` event right after message_start
     break_after         a stream: drop the connection after this many events
     no_stop             a stream: end without message_stop
     delay_s             a stream: wait this long between events
@@ -165,6 +166,9 @@ def _events(message: dict[str, Any], mock: dict[str, Any]) -> list[tuple[str, di
              "usage": {**usage, "output_tokens": 1}}
     events: list[tuple[str, dict[str, Any]]] = [("message_start", {"message": start}),
                                                 ("ping", {})]
+    if mock.get("error_first"):
+        return [*events, ("error", {"error": {"type": "overloaded_error",
+                                              "message": "Overloaded"}})]
     for index, block in enumerate(message["content"]):
         kind = block["type"]
         if kind == "text":
