@@ -326,6 +326,17 @@ def test_a_stream_that_breaks_after_the_first_byte_ends_with_an_error_event(
     assert error["type"] == "upstream_error" and error["message"]
 
 
+def test_a_client_that_leaves_a_stream_cancels_the_upstream_request(
+        claude: Sidecar, anthropic: AnthropicMock) -> None:
+    long = " ".join(f"w{i}" for i in range(400))
+    with httpx.stream("POST", claude.base_url + "/chat/completions", timeout=30, json={
+            "model": "claude", "stream": True,
+            "messages": steer(text=long, delay_s=0.02)}) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")
+    assert anthropic.aborted.wait(5)
+
+
 def test_concurrent_streams_never_mix(claude: Sidecar, anthropic: AnthropicMock) -> None:
     async def one(client: openai.AsyncOpenAI, i: int) -> tuple[str, dict[int, str]]:
         directives: dict[str, object] = {"delay_s": 0.005}

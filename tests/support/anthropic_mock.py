@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +53,7 @@ class AnthropicMock(ThreadedServer):
         self.key = key
         self.requests: list[Seen] = []
         self.probes: list[CIMultiDict[str]] = []  # the headers of each GET /v1/models
+        self.aborted = threading.Event()  # a stream's reader went away before its end
         self._counters: dict[str, int] = {}
 
     @property
@@ -67,6 +69,7 @@ class AnthropicMock(ThreadedServer):
     def reset(self) -> None:
         self.requests.clear()
         self.probes.clear()
+        self.aborted.clear()
         self._counters.clear()
 
     def count(self, key: str) -> int:
@@ -114,7 +117,11 @@ class AnthropicMock(ThreadedServer):
                    "stop_sequence": None, "usage": usage}
         if not body.get("stream"):
             return web.json_response(message)
-        return await _stream(request, message, mock)
+        try:
+            return await _stream(request, message, mock)
+        except (asyncio.CancelledError, ConnectionResetError):
+            self.aborted.set()
+            raise
 
 
 def _directives(body: dict[str, Any]) -> dict[str, Any]:
