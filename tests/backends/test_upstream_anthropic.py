@@ -128,6 +128,14 @@ def test_a_streamed_answer_arrives_as_openai_chunks_with_usage_last(
     assert anthropic.requests[0].body["stream"] is True
 
 
+def test_text_that_quotes_message_stop_does_not_end_the_stream(claude: Sidecar,
+                                                               anthropic: AnthropicMock) -> None:
+    said = 'the event "message_stop" ends it'
+    chunks = list(claude.client().chat.completions.create(
+        model="claude", messages=steer(text=said), stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == said
+
+
 def test_a_stream_without_include_usage_sends_no_usage_chunk(claude: Sidecar,
                                                              anthropic: AnthropicMock) -> None:
     chunks = list(claude.client().chat.completions.create(
