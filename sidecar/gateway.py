@@ -11,7 +11,8 @@ client, and knows nothing of HTTP beyond the headers it may read.
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
@@ -66,7 +67,8 @@ class Answer:
     protocol translates through sidecar/protocol/openai_chat.py. `close` must be called once
     the answer is written (or abandoned): it closes the stream and settles the token budget."""
 
-    __slots__ = ("_settle", "body", "events", "first", "from_cache", "headers", "protocol")
+    __slots__ = ("_done", "_settle", "body", "events", "first", "from_cache", "headers",
+                 "protocol")
 
     def __init__(self, body: bytes = b"", events: AsyncGenerator[bytes, None] | None = None,
                  first: bytes | None = None) -> None:
@@ -77,10 +79,14 @@ class Answer:
         self.protocol = "openai"
         self.from_cache = False
         self._settle: Callable[[], None] | None = None
+        self._done: Callable[[], None] | None = None  # the target's stream is over
 
     async def close(self) -> None:
         if self.events is not None:
             await self.events.aclose()
+        done, self._done = self._done, None
+        if done is not None:
+            done()
         settle, self._settle = self._settle, None
         if settle is not None:
             settle()
@@ -93,6 +99,9 @@ class Gateway:
     router: Router
     limiter: Limiter
     cache: AnswerCache | None = None
+    # Requests each target ("provider/model") is answering now: a JSON answer until it has
+    # arrived, a stream until it is closed.
+    in_flight: dict[str, int] = field(default_factory=dict)
     # Note each answer's usage on the record even without a token budget (for metrics).
     count_usage: bool = False
 
@@ -185,9 +194,18 @@ class Gateway:
                 call.patient = not (route.spill_over and router.has_candidate(
                     route, [*(tried if tried is not None else skip or ()), target]))
             backend = self.backends[target.provider]
+            label = target.label
+            in_flight = self.in_flight
+            in_flight[label] = in_flight.get(label, 0) + 1
             try:
                 answer = await _first(backend, call, exchange.stream)
-            except SidecarError as exc:
+            except BaseException as exc:
+                in_flight[label] -= 1
+                if not isinstance(exc, SidecarError):
+                    raise
+                # Charged to this target unless another one answers after it.
+                record.target = label
+                record.fallback_from = _failed(tried, spilled)
                 after = [*(tried if tried is not None else skip or ()), target]
                 if isinstance(exc, Spillable):
                     # Full or not ready: the next target, free of the retry budget.
@@ -202,20 +220,33 @@ class Gateway:
                 if not router.has_candidate(route, tried) or not router.budget.withdraw():
                     raise
                 continue
+            if answer.events is None:
+                in_flight[label] -= 1
+            else:
+                answer._done = partial(_leave, in_flight, label)
             router.succeeded(target)
             record.first_byte_s = perf_counter() - context.timing.start
-            record.target = target.label
+            record.target = label
             headers = answer.headers
-            headers["X-Sidecar-Target"] = target.label
-            if tried:
-                failed = [t.label for t in tried if spilled is None or t not in spilled]
-                if failed:
-                    record.fallback_from = failed
-                    headers["X-Sidecar-Fallback-From"] = ", ".join(failed)
+            headers["X-Sidecar-Target"] = label
+            failed = record.fallback_from = _failed(tried, spilled)
+            if failed:
+                headers["X-Sidecar-Fallback-From"] = ", ".join(failed)
             if spilled:
                 record.spill_over_from = [t.label for t in spilled]
                 headers["X-Sidecar-Spill-Over-From"] = ", ".join(record.spill_over_from)
             return answer
+
+
+def _failed(tried: list[Target] | None, spilled: list[Target] | None) -> list[str]:
+    """The targets that failed before the one now tried (not those passed over as full)."""
+    if not tried:
+        return []
+    return [t.label for t in tried if spilled is None or t not in spilled]
+
+
+def _leave(in_flight: dict[str, int], label: str) -> None:
+    in_flight[label] -= 1
 
 
 async def _first(backend: Backend, call: Call, stream: bool) -> Answer:
@@ -256,8 +287,9 @@ def estimate_tokens(exchange: Exchange, default_max_tokens: int) -> int:
     return prompt + (limit or default_max_tokens) * exchange.choices
 
 
-def usage_of(body: bytes) -> tuple[int, int, int] | None:
-    """`usage` of an OpenAI answer or chunk: prompt, completion and total tokens."""
+def usage_of(body: bytes) -> tuple[int, int, int, int] | None:
+    """`usage` of an OpenAI answer or chunk: prompt, completion and total tokens, and the
+    prompt tokens read from the provider's cache (-1 when the answer does not say)."""
     at = body.rfind(b'"usage"')
     if at < 0:
         return None
@@ -274,8 +306,11 @@ def usage_of(body: bytes) -> tuple[int, int, int] | None:
     if not isinstance(usage, dict) or not isinstance(usage.get("total_tokens"), int):
         return None
     prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
     return (prompt if isinstance(prompt, int) else 0,
-            completion if isinstance(completion, int) else 0, int(usage["total_tokens"]))
+            completion if isinstance(completion, int) else 0, int(usage["total_tokens"]),
+            cached if isinstance(cached, int) and not isinstance(cached, bool) else -1)
 
 
 @dataclass(slots=True)

@@ -84,6 +84,7 @@ class Parts:
     """What the application's parts say at scrape time, read on the loop."""
 
     in_flight: int = 0
+    target_in_flight: dict[str, int] = field(default_factory=dict)
     routing: dict[str, Any] = field(default_factory=dict)  # Router.snapshot()
     target_providers: dict[str, str] = field(default_factory=dict)  # target -> provider
     cache: dict[str, int] | None = None  # ResponseCache.counts
@@ -97,6 +98,7 @@ def gather(app: web.Application) -> Parts:
     redis = app[REDIS]
     return Parts(
         in_flight=app[LIMITER].in_flight,
+        target_in_flight=dict(app[GATEWAY].in_flight),
         routing=app[GATEWAY].router.snapshot(),
         target_providers=metrics.targets if metrics is not None else {},
         cache=dict(cache.counts) if cache is not None else None,
@@ -112,16 +114,24 @@ def families(parts: Parts) -> Iterator[Metric]:
                             value=parts.in_flight)
     routing = parts.routing
     resting = GaugeMetricFamily("llm_sidecar_target_resting",
-                                "1 for a target out of rotation: `cooldown` after failures or "
-                                "a Retry-After, `probe` when its provider did not answer the "
+                                "1 for a target out of rotation: `failures` after "
+                                "failures_before_cooldown in a row, `rate_limited` after a 429 "
+                                "with Retry-After, `probe` when its provider did not answer the "
                                 "probe.", labels=("target", "reason"))
     down = routing.get("providers_down_s", {})
+    kinds = routing.get("resting_kinds", {})
     for target, provider in parts.target_providers.items():
         if target in routing.get("resting_targets_s", {}):
-            resting.add_metric((target, "cooldown"), 1)
+            resting.add_metric((target, kinds.get(target, "failures")), 1)
         elif provider in down:
             resting.add_metric((target, "probe"), 1)
     yield resting
+    busy = GaugeMetricFamily("llm_sidecar_target_requests_in_flight",
+                             "Requests a target is answering now (a stream until it ends).",
+                             labels=("target",))
+    for target in parts.target_providers:
+        busy.add_metric((target,), parts.target_in_flight.get(target, 0))
+    yield busy
     budget = routing.get("retry_budget", {})
     yield GaugeMetricFamily("llm_sidecar_retry_budget_balance",
                             "Retries and fallbacks the budget allows now.",

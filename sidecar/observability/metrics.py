@@ -104,7 +104,8 @@ class _Shape:
     ending), found once and kept: a request then costs a look-up and a few additions."""
 
     __slots__ = ("disconnects", "duration", "failed", "requests", "selected", "target",
-                 "tokens_in", "tokens_out", "tpot", "ttft", "upstream", "window")
+                 "tokens_cached", "tokens_in", "tokens_out", "tpot", "ttft", "upstream",
+                 "window")
 
     requests: list[int]
     duration: list[float]
@@ -117,6 +118,7 @@ class _Shape:
     ttft: list[float] | None
     tokens_in: list[float]
     tokens_out: list[float]
+    tokens_cached: list[float]
     tpot: list[float] | None
 
 
@@ -224,6 +226,8 @@ class Metrics:
         if usage is not None:
             _add(shape.tokens_in, TOKEN_BUCKETS, usage[0])
             _add(shape.tokens_out, TOKEN_BUCKETS, usage[1])
+            if usage[3] >= 0:  # the answer said how many prompt tokens came from a cache
+                _add(shape.tokens_cached, TOKEN_BUCKETS, usage[3])
             if shape.tpot is not None and first is not None and usage[1] > 1:
                 _add(shape.tpot, TPOT_BUCKETS, (elapsed - first) / (usage[1] - 1))
 
@@ -254,6 +258,7 @@ class Metrics:
         tokens = histograms["gen_ai_client_token_usage"]
         shape.tokens_in = tokens.row((*genai, "input"))
         shape.tokens_out = tokens.row((*genai, "output"))
+        shape.tokens_cached = tokens.row((*genai, "cache_read"))
         shape.tpot = histograms["gen_ai_server_time_per_output_token_seconds"].row(genai) \
             if stream and not error_type else None
         return shape

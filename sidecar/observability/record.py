@@ -34,8 +34,9 @@ class RequestRecord:
         # Seconds from the request's arrival to the answer's first byte (a stream's first
         # event, a JSON answer's whole body); None until then.
         self.first_byte_s: float | None = None
-        # `usage` of the answer: prompt, completion and total tokens; None when it said none.
-        self.usage: tuple[int, int, int] | None = None
+        # `usage` of the answer: prompt, completion and total tokens, and cached prompt
+        # tokens (-1: not said); None when the answer said none.
+        self.usage: tuple[int, int, int, int] | None = None
 
     def log_fields(self, fields: dict[str, object]) -> None:
         """What the access log line shows of this record."""
@@ -58,4 +59,4 @@ class RequestRecord:
         if self.first_byte_s is not None:
             fields["first_byte_us"] = int(self.first_byte_s * 1_000_000)
         if self.usage is not None:
-            fields["prompt_tokens"], fields["completion_tokens"], _ = self.usage
+            fields["prompt_tokens"], fields["completion_tokens"] = self.usage[:2]

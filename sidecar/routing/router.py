@@ -52,12 +52,15 @@ class RetryBudget:
 
 
 class TargetHealth:
-    __slots__ = ("failures", "reason", "resting_until")
+    __slots__ = ("failures", "kind", "reason", "resting_until")
 
     def __init__(self) -> None:
         self.failures = 0
         self.resting_until = 0.0
         self.reason = ""
+        # Why it rests, as a fixed word a metric label can carry: "rate_limited" (a 429
+        # with Retry-After) or "failures" (failures_before_cooldown in a row).
+        self.kind = ""
 
 
 class Router:
@@ -148,9 +151,9 @@ class Router:
         asked = _retry_after(error)
         now = time.monotonic()
         if asked is not None and error.status == 429:
-            rest = asked
+            rest, state.kind = asked, "rate_limited"
         elif state.failures >= self.settings.failures_before_cooldown:
-            rest = asked or self.settings.cooldown_s
+            rest, state.kind = asked or self.settings.cooldown_s, "failures"
         else:
             return True
         state.resting_until = now + min(rest, self.settings.max_rest_s)
@@ -173,9 +176,10 @@ class Router:
         resting = {label: max(0.0, s.resting_until - now) for label, s in self._targets.items()
                    if s.resting_until > now}
         reasons = {label: self._targets[label].reason or "failed" for label in resting}
+        kinds = {label: self._targets[label].kind or "failures" for label in resting}
         down = {p: until - now for p, (until, _) in self._providers_down.items() if until > now}
         budget = self.budget
-        return {"resting_targets_s": resting, "resting_reasons": reasons,
+        return {"resting_targets_s": resting, "resting_reasons": reasons, "resting_kinds": kinds,
                 "providers_down_s": down,
                 "retry_budget": {"balance": round(budget.balance, 3), "spent": budget.spent,
                                  "refused": budget.refused}}

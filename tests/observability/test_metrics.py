@@ -159,14 +159,16 @@ def test_a_json_answer_moves_its_counters_and_one_observation_each(metered: Side
             usage["completion_tokens"]}
 
 
-def test_a_4xx_and_a_5xx_count_under_their_status_and_no_target(metered: Sidecar) -> None:
+def test_a_4xx_counts_under_no_target_and_a_5xx_under_the_target_that_failed(
+        metered: Sidecar) -> None:
     before = scrape(metered)
     assert chat(metered, "no-such-model").status_code == 404
     assert chat(metered, "dead").status_code == 502
     after = scrape(metered)
     assert moved(before, after) == {
         requests("other", "4xx"): 1, duration("none", "other", "404"): 1,
-        requests("dead", "5xx"): 1, duration("none", "dead", "502"): 1,
+        requests("dead", "5xx"): 1, duration("dead/nothing", "dead", "502"): 1,
+        **served("dead/nothing", "dead"),
         sample("llm_sidecar_cache_requests_total", result="bypass"): 1,
         # The dead upstream's one retry (providers.dead.max_retries = 1).
         sample("llm_sidecar_retry_budget_spent_total"): 1,
@@ -365,10 +367,47 @@ USAGE = b'"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}'
     b'{' + USAGE + b',"choices":[{"message":{"content":"usage"}}]}',
 ])
 def test_the_usage_counted_is_the_answers_own(body: bytes) -> None:
-    assert usage_of(body) == (3, 4, 7)
+    assert usage_of(body) == (3, 4, 7, -1)
+
+
+def test_cached_prompt_tokens_are_read_when_the_answer_gives_them() -> None:
+    body = (b'{"usage":{"prompt_tokens":30,"completion_tokens":4,"total_tokens":34,'
+            b'"prompt_tokens_details":{"cached_tokens":24}}}')
+    assert usage_of(body) == (30, 4, 34, 24)
 
 
 @pytest.mark.parametrize("body", [b'{"usage":null}', b'{"usage":{"total_tokens":5}',
                                   b'["usage"]', b'{"choices":[]}', b""])
 def test_an_answer_without_a_readable_usage_has_none(body: bytes) -> None:
     assert usage_of(body) is None
+
+
+def gauge(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def test_a_target_counts_a_stream_in_flight_until_it_ends(metered: Sidecar) -> None:
+    assert gauge(scrape(metered), "llm_sidecar_target_requests_in_flight", target=MOCK) == 0
+    with httpx.stream("POST", metered.base_url + "/chat/completions", timeout=30, json={
+            "model": "gpt-test", "messages": USER, "stream": True,
+            "mock": {"chunks": 3, "chunk_delay": 0.3}}) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")
+        during = scrape(metered)
+        list(lines)
+    assert gauge(during, "llm_sidecar_target_requests_in_flight", target=MOCK) == 1
+    assert gauge(scrape(metered), "llm_sidecar_target_requests_in_flight", target=MOCK) == 0
+
+
+def test_a_target_resting_after_a_429_says_it_is_rate_limited(
+        mock_upstream: MockUpstream, tmp_path: Path) -> None:
+    sidecar = start_sidecar(base_config(mock_upstream, routing="probe_interval_s = 0"),
+                            tmp_path)
+    try:
+        answer = chat(sidecar, "mock-429", mock={"status": 429, "retry_after": "30"})
+        assert answer.status_code == 429
+        samples = scrape(sidecar)
+    finally:
+        sidecar.stop()
+    assert gauge(samples, "llm_sidecar_target_resting", target="mock/mock-429",
+                 reason="rate_limited") == 1

@@ -129,8 +129,9 @@ def test_stats_give_rate_latency_errors_and_traffic_share_per_target(
             assert row["error_share"] == 0.0
             assert row["rate_per_s"] == round(row["requests"] / seconds, 3)
             assert 0 < row["p50_ms"] <= row["p95_ms"]
-        dead = rows[("dead", "none")]
-        assert (dead["requests"], dead["error_share"], dead["traffic_share"]) == (2, 1.0, None)
+        # Failures are charged to the target that failed.
+        dead = rows[("dead", "dead/nothing")]
+        assert (dead["requests"], dead["error_share"]) == (2, 1.0)
 
 
 @pytest.mark.parametrize("listen", ["0.0.0.0:9464", "192.168.1.5:9464", "localhost:9464",
