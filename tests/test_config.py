@@ -186,7 +186,8 @@ def test_check_config_never_says_ok_for_a_config_it_then_fails(tmp_path: Path) -
          '`logging.level`: Invalid enum value \'loud\' (expected one of: "debug", "error", '
          '"info", "warning")'),
         (GOOD.replace('kind = "openai"', 'kind = "magic"'),
-         '`providers.up.kind`: Invalid value \'magic\' (expected one of: "openai", "anthropic", "local")'),
+         '`providers.up.kind`: Invalid value \'magic\' '
+         '(expected one of: "openai", "anthropic", "local")'),
         ("[cache]\ncache_when = 'sometimes'\n" + GOOD, '"always", "deterministic", "never"'),
     ],
 )
