@@ -40,12 +40,7 @@ from sidecar.cache.answers import AnswerCache
 from sidecar.cache.memory import MemoryCache
 from sidecar.cache.redis_tier import RedisTier
 from sidecar.cache.response_cache import ResponseCache
-from sidecar.config import (
-    AnthropicProviderSettings,
-    LocalProviderSettings,
-    Settings,
-    metrics_listener,
-)
+from sidecar.config import metrics_listener
 from sidecar.engines.factory import make_engine
 from sidecar.gateway import Gateway, Readiness
 from sidecar.observability.logging import AccessLog, LineWriter
@@ -56,6 +51,7 @@ from sidecar.routing.state import RouteState
 from sidecar.routing.table import RouteTable
 from sidecar.security.jwt import JwksFetcher, Verifier, load_static_keys
 from sidecar.security.limits import Limiter
+from sidecar.settings import AnthropicProviderSettings, LocalProviderSettings, Settings
 
 log = logging.getLogger("sidecar")
 

@@ -14,12 +14,12 @@ if TYPE_CHECKING:
 
 from sidecar.cache.redis_tier import RedisTier
 from sidecar.cache.response_cache import ResponseCache
-from sidecar.config import Settings
 from sidecar.observability.metrics import Metrics
 from sidecar.observability.timing import RequestContext
 from sidecar.routing.state import RouteState
 from sidecar.security.jwt import Verifier
 from sidecar.security.limits import Limiter
+from sidecar.settings import Settings
 
 SETTINGS = web.AppKey("settings", Settings)
 HTTP = web.AppKey("http", aiohttp.ClientSession)  # for the sidecar's own calls (a JWKS URL)

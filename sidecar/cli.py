@@ -12,6 +12,7 @@ from typing import Any
 
 from sidecar import __version__, config
 from sidecar.observability import logging as slog
+from sidecar.settings import AnyProvider, AuthSettings, LocalProviderSettings, Settings
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -203,7 +204,7 @@ def _token(args: argparse.Namespace) -> int:
 
     import jwt
 
-    auth = config.AuthSettings()
+    auth = AuthSettings()
     if args.config:
         settings = _load(args.config)
         if settings is None:
@@ -255,7 +256,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _load(path: str | None, host: str | None = None,
-          port: int | None = None) -> config.Settings | None:
+          port: int | None = None) -> Settings | None:
     try:
         return config.load(path or config.default_config_path(), host=host, port=port)
     except config.ConfigError as exc:
@@ -289,8 +290,8 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _where(provider: config.AnyProvider) -> str:
-    if isinstance(provider, config.LocalProviderSettings):
+def _where(provider: AnyProvider) -> str:
+    if isinstance(provider, LocalProviderSettings):
         return f"in process ({provider.engine}: {provider.model})"
     return provider.base_url
 
@@ -323,11 +324,11 @@ def _check(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
-def _check_engines(settings: config.Settings) -> tuple[list[str], list[str]]:
+def _check_engines(settings: Settings) -> tuple[list[str], list[str]]:
     """Whether each local provider's engine can run on this machine, as `serve` would find:
     the lines that say it can, and those that say it cannot."""
     local = {name: p for name, p in settings.providers.items()
-             if isinstance(p, config.LocalProviderSettings)}
+             if isinstance(p, LocalProviderSettings)}
     if not local:
         return [], []
     from sidecar.engines.errors import EngineUnusable

@@ -14,12 +14,12 @@ from aiohttp import web
 from sidecar.app import create_app
 from sidecar.appkeys import BACKENDS, READINESS
 from sidecar.backends.local import LocalBackend
-from sidecar.config import ServerSettings, Settings
 from sidecar.errors import SHUTTING_DOWN
 from sidecar.observability.logging import LineWriter
 from sidecar.security.connections import EdgeRunner, InFlight, c_parser_in_use
 from sidecar.security.tls import reload_certificate, server_context
 from sidecar.service import Notifier, announce_ready, watchdog
+from sidecar.settings import ServerSettings, Settings
 
 log = logging.getLogger("sidecar")
 # After the drain: how long requests just ended get to write their last words, and idle

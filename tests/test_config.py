@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from sidecar import config
-from sidecar.config import ConfigError, Secret
+from sidecar.config import ConfigError
+from sidecar.settings import Secret
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -16,7 +16,7 @@ import msgspec
 import pytest
 from msgspec import Struct
 
-from sidecar import config
+from sidecar import config, settings
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGURATION = ROOT / "docs" / "configuration.md"
@@ -57,7 +57,7 @@ def internal_fields() -> set[str]:
     """Fields of Settings that load() fills in and a config file may not set: the loader
     refuses them by name, so they are found by asking it rather than by a second list here."""
     names = set()
-    for field in msgspec.structs.fields(config.Settings):
+    for field in msgspec.structs.fields(settings.Settings):
         try:
             config.from_mapping({field.name: None})
         except config.ConfigError as exc:
@@ -107,7 +107,7 @@ def config_sections(struct: type[Struct], path: str, skip: set[str]) -> Iterator
 
 
 def all_sections() -> list[Section]:
-    return list(config_sections(config.Settings, "", internal_fields()))
+    return list(config_sections(settings.Settings, "", internal_fields()))
 
 
 def prose_lines(text: str) -> Iterator[tuple[bool, str]]:

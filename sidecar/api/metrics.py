@@ -21,7 +21,8 @@ from sidecar.api.middleware import BrowserCheck
 from sidecar.appkeys import BACKENDS, CACHE, GATEWAY, LIMITER, METRICS, REDIS, SETTINGS, VERIFIER
 from sidecar.backends.local import LocalBackend
 from sidecar.errors import RouteNotFound
-from sidecar.observability.metrics import LATENCY_BOUNDS, SLOT_S, WINDOWS, render
+from sidecar.observability.metrics import render
+from sidecar.observability.windows import LATENCY_BOUNDS, SLOT_S, WINDOWS
 from sidecar.security.jwt import Forbidden, Unauthorized
 
 METRICS_SCOPE = "sidecar:metrics"

@@ -14,7 +14,6 @@ from aiohttp.typedefs import Handler, Middleware
 
 from sidecar.api.http import error_response
 from sidecar.appkeys import CONTEXT, SETTINGS
-from sidecar.config import AuthSettings, Settings
 from sidecar.errors import (
     BrowserRefused,
     MethodNotAllowed,
@@ -30,6 +29,7 @@ from sidecar.observability.metrics import Metrics
 from sidecar.observability.timing import RequestContext, Timing
 from sidecar.security.jwt import ANONYMOUS, Forbidden, Unauthorized, Verifier
 from sidecar.security.limits import Limiter
+from sidecar.settings import AuthSettings, Settings
 
 log = logging.getLogger("sidecar")
 _AUTH_REFUSALS = (Unauthorized, Forbidden, BrowserRefused)

@@ -21,7 +21,6 @@ import orjson
 
 from sidecar import __version__
 from sidecar.backends.base import HEARTBEAT, Call
-from sidecar.config import Secret, UpstreamSettings
 from sidecar.errors import (
     SidecarError,
     UpstreamError,
@@ -31,6 +30,7 @@ from sidecar.errors import (
 )
 from sidecar.protocol.sse import EventSplitter, EventTooLarge
 from sidecar.security.scrub import byte_forms, scrub, scrub_bytes, secrets_of
+from sidecar.settings import Secret, UpstreamSettings
 
 log = logging.getLogger("sidecar.upstream")
 

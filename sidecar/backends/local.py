@@ -14,13 +14,13 @@ from typing import Any
 import orjson
 
 from sidecar.backends.base import HEARTBEAT, Call
-from sidecar.config import LocalProviderSettings
 from sidecar.engines.job import Params
 from sidecar.engines.worker import ThreadedEngine
 from sidecar.errors import InvalidRequest
 from sidecar.protocol.chat import Event, Finish, TextDelta, Usage
 from sidecar.protocol.openai_chat import ChunkWriter, answer_json
 from sidecar.protocol.requests import Sampling, check_local_ranges, validate
+from sidecar.settings import LocalProviderSettings
 
 
 @dataclass(slots=True)

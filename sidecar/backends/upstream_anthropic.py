@@ -16,11 +16,11 @@ import orjson
 
 from sidecar.backends.base import HEARTBEAT, Call
 from sidecar.backends.http_upstream import HttpUpstream
-from sidecar.config import AnthropicProviderSettings, Secret
 from sidecar.errors import InvalidRequest, UpstreamError
 from sidecar.protocol.anthropic import StreamState, answer_events, request_to_anthropic
 from sidecar.protocol.chat import ChatRequest, StreamFailure, Usage
 from sidecar.protocol.openai_chat import ChunkWriter, answer_json, request_from_openai
+from sidecar.settings import AnthropicProviderSettings, Secret
 
 # OpenAI fields a Messages request cannot carry, refused rather than quietly dropped: the
 # client would get an answer that ignores what it asked for.

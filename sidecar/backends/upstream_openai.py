@@ -10,8 +10,8 @@ import aiohttp
 
 from sidecar.backends.base import Call
 from sidecar.backends.http_upstream import HttpUpstream
-from sidecar.config import ProviderSettings, Secret
 from sidecar.protocol.sse import DONE
+from sidecar.settings import ProviderSettings, Secret
 
 
 class OpenAIUpstream(HttpUpstream):

@@ -5,10 +5,10 @@ from __future__ import annotations
 import importlib.util
 from typing import Any
 
-from sidecar.config import LocalProviderSettings
 from sidecar.engines import exllamav2, models, transformers
 from sidecar.engines.errors import EngineUnusable
 from sidecar.engines.worker import ThreadedEngine
+from sidecar.settings import LocalProviderSettings
 
 
 def make_engine(settings: LocalProviderSettings) -> ThreadedEngine:

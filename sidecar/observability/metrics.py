@@ -30,11 +30,12 @@ from prometheus_client.metrics_core import (
 
 from sidecar import __version__
 from sidecar.errors import RateLimited, SidecarError
+from sidecar.observability.windows import LATENCY_BOUNDS, ROW, SLOT_S, SLOTS, Windows
 
 if TYPE_CHECKING:
-    from sidecar.config import Settings
     from sidecar.observability.record import RequestRecord
     from sidecar.observability.timing import RequestContext
+    from sidecar.settings import Settings
 
 # OpenTelemetry's recommended boundaries; the durations go on past 82 s, because a slow local
 # CPU model can take minutes over one answer.
@@ -207,7 +208,7 @@ class Metrics:
         i = slot % SLOTS
         if stamps[i] != slot:
             stamps[i] = slot
-            rows[i] = [0] * _ROW
+            rows[i] = [0] * ROW
         row = rows[i]
         row[0] += 1
         row[1] += shape.failed
@@ -360,42 +361,3 @@ def render(snapshot: Snapshot, accept: str, gzip_ok: bool) -> tuple[bytes, str, 
     if gzip_ok and len(body) >= 1024:
         return gzip.compress(body, 5), content_type, True
     return body, content_type, False
-
-
-# The rolling windows of /admin/api/stats: 5-second slots over the last five minutes, and
-# latency buckets 25% apart from 1 ms to 20 minutes (a percentile is known to within that).
-SLOT_S = 5
-SLOTS = 60
-WINDOWS = {"1m": 12, "5m": 60}
-LATENCY_BOUNDS = tuple(0.001 * 1.25 ** i for i in range(76))
-_ROW = len(LATENCY_BOUNDS) + 3  # requests, errors, then a count per latency bucket and +Inf
-
-
-class Windows:
-    """Per model and target: requests, errors and latencies in the last slots. A target that
-    failed before another answered counts a request and an error, without a latency."""
-
-    def __init__(self) -> None:
-        self.series: dict[tuple[str, str], tuple[list[int], list[list[int]]]] = {}
-
-    def series_of(self, model: str, target: str) -> tuple[list[int], list[list[int]]]:
-        """The slots of one model and target: each slot's number, and its row."""
-        series = self.series.get((model, target))
-        if series is None:
-            series = self.series[(model, target)] = ([-1] * SLOTS, [[] for _ in range(SLOTS)])
-        return series
-
-    def row(self, model: str, target: str, slot: int) -> list[int]:
-        stamps, rows = self.series_of(model, target)
-        i = slot % SLOTS
-        if stamps[i] != slot:
-            stamps[i] = slot
-            rows[i] = [0] * _ROW
-        return rows[i]
-
-    def copy(self) -> tuple[int, dict[tuple[str, str], list[list[int]]]]:
-        """The slots still inside the longest window, copied on the loop."""
-        now = int(perf_counter() // SLOT_S)  # the clock of the requests' timings
-        return now, {key: [[stamp, *row] for stamp, row in zip(*series, strict=True)
-                           if now - SLOTS < stamp <= now]
-                     for key, series in self.series.items()}

@@ -11,7 +11,6 @@ import math
 import time
 from typing import Any
 
-from sidecar.config import RoutingSettings
 from sidecar.errors import (
     SidecarError,
     Unavailable,
@@ -20,6 +19,7 @@ from sidecar.errors import (
 )
 from sidecar.routing.table import Route, Target
 from sidecar.security.scrub import scrub
+from sidecar.settings import RoutingSettings
 
 log = logging.getLogger("sidecar.routing")
 # A rest reason is an upstream's error code or type: a word, not a message.

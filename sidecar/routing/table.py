@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Any
 
-from sidecar.config import LocalProviderSettings, Settings
 from sidecar.errors import InvalidRequest
+from sidecar.settings import LocalProviderSettings, Settings
 
 # The largest weight a target may have, as in the TOML (TargetSettings.weight): a route's
 # weights must add up to a finite number, or every pick would fail.

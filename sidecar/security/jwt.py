@@ -15,8 +15,8 @@ import aiohttp
 import jwt
 import orjson
 
-from sidecar.config import AuthSettings, Secret
 from sidecar.errors import SidecarError
+from sidecar.settings import AuthSettings, Secret
 
 log = logging.getLogger("sidecar.auth")
 

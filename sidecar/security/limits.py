@@ -13,8 +13,8 @@ import math
 import time
 from typing import TYPE_CHECKING, Any
 
-from sidecar.config import LimitsSettings
 from sidecar.errors import RateLimited, Unavailable
+from sidecar.settings import LimitsSettings
 
 if TYPE_CHECKING:
     from sidecar.cache.redis_tier import RedisTier

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import ssl
 
-from sidecar.config import ServerSettings
+from sidecar.settings import ServerSettings
 
 log = logging.getLogger("sidecar.tls")
 

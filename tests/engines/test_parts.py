@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sidecar import config
+from sidecar import config, settings
 from sidecar.engines.chat_template import ChatTemplate, TemplateMissing
 from sidecar.engines.job import Params
 from sidecar.engines.text import Detokenizer
@@ -129,7 +129,7 @@ def test_a_local_provider_needs_no_url_and_has_defaults(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
     path.write_text(local_settings(""))
     provider = config.load(path).providers["local"]
-    assert isinstance(provider, config.LocalProviderSettings)
+    assert isinstance(provider, settings.LocalProviderSettings)
     assert (provider.engine, provider.model) == ("auto", "builtin:smollm2-135m-instruct")
 
 

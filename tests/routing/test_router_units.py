@@ -7,10 +7,10 @@ import random
 
 import pytest
 
-from sidecar.config import RoutingSettings
 from sidecar.errors import InvalidRequest, SidecarError, Unavailable, UpstreamError, UpstreamStatus
 from sidecar.routing.router import RetryBudget, Router, blames_target
 from sidecar.routing.table import Route, RouteTable, Target
+from sidecar.settings import RoutingSettings
 
 A = Target("p", "a", 3)
 B = Target("p", "b", 1)

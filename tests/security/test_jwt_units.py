@@ -10,8 +10,8 @@ import jwt
 import orjson
 import pytest
 
-from sidecar.config import AuthSettings
 from sidecar.security.jwt import ANONYMOUS, KeySet, Principal, Unauthorized, Verifier
+from sidecar.settings import AuthSettings
 from tests.support.auth_helpers import forged_header_token
 
 SECRET = "a-test-secret-of-at-least-32-bytes!!"

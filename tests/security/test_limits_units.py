@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from sidecar.config import LimitsSettings
 from sidecar.errors import RateLimited, Unavailable
 from sidecar.security.limits import Budget, Limiter
+from sidecar.settings import LimitsSettings
 
 
 def test_a_bucket_starts_full_and_refuses_past_its_level() -> None:

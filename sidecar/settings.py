@@ -1,0 +1,259 @@
+"""The settings' types: every table and key of the config file, with its type, range and
+default (docs/configuration.md says what each means). Loading and checking them is
+sidecar/config.py's."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+PositiveFloat = Annotated[float, Meta(gt=0)]
+Port = Annotated[int, Meta(ge=0, le=65535)]
+
+
+class Secret:
+    """A value that never shows itself in a repr, a log line or an error."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+
+class ServerSettings(Struct, kw_only=True, forbid_unknown_fields=True):
+    host: str = "127.0.0.1"
+    port: Port = 8080
+    max_body_bytes: Annotated[int, Meta(ge=1024)] = 4 * 1024 * 1024
+    # A comment line on an SSE stream whose upstream has been silent this long keeps
+    # proxies and clients from timing the connection out.
+    heartbeat_s: PositiveFloat = 15.0
+    # How long a stopping server waits for requests in flight before it closes them.
+    shutdown_timeout_s: Annotated[float, Meta(ge=0)] = 30.0
+    # TLS: both set to serve HTTPS; a client CA to require client certificates (mTLS).
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    # A connection must deliver a request's headers within this long of opening, or of its
+    # previous answer (slowloris); it is also how long an idle keep-alive connection stays.
+    header_timeout_s: PositiveFloat = 15.0
+    # A request body must arrive within this long (slow POST).
+    body_timeout_s: PositiveFloat = 30.0
+    max_connections: Annotated[int, Meta(ge=1)] = 4096
+    max_headers: Annotated[int, Meta(ge=8)] = 100
+    max_header_bytes: Annotated[int, Meta(ge=1024)] = 16 * 1024
+    # Names a browser may use for this server in its Host header, besides the listen address
+    # and the loopback names (with auth off, any other Host is refused: DNS rebinding).
+    allowed_hosts: list[str] = []
+
+
+class UpstreamSettings(Struct, kw_only=True, forbid_unknown_fields=True):
+    """What every upstream provider has, whatever protocol it speaks: its key, timeouts,
+    retries and limits."""
+
+    api_key_env: str | None = None
+    api_key_file: str | None = None
+    timeout_connect_s: PositiveFloat = 5.0
+    # Idle time between two reads of the upstream's answer; never a cap on a whole stream.
+    timeout_read_s: PositiveFloat = 120.0
+    max_retries: Annotated[int, Meta(ge=0, le=10)] = 2
+    # An upstream that asks us to wait longer than this gets its 429/503 passed to the client
+    # (with its Retry-After) instead of holding the request here.
+    max_retry_wait_s: Annotated[float, Meta(ge=0)] = 20.0
+    # Connections kept to this upstream at most; 0 means no cap of our own.
+    max_connections: Annotated[int, Meta(ge=0)] = 0
+    headers: dict[str, str] = {}
+    # A whole JSON answer, counted after decompression as it arrives; past it the answer is
+    # a 502 and the connection is closed (a small gzip body can inflate to gigabytes).
+    max_response_bytes: Annotated[int, Meta(ge=1024)] = 64 * 1024 * 1024
+    # One event of a stream, likewise: a stream that never separates its events is cut here.
+    max_event_bytes: Annotated[int, Meta(ge=1024)] = 4 * 1024 * 1024
+
+
+class ProviderSettings(UpstreamSettings, tag_field="kind", tag="openai"):
+    """An upstream that speaks the OpenAI API (kind = "openai")."""
+
+    base_url: str
+
+
+class AnthropicProviderSettings(UpstreamSettings, tag_field="kind", tag="anthropic"):
+    """An upstream that speaks Anthropic's Messages API (kind = "anthropic"); OpenAI clients
+    reach it through a translation."""
+
+    base_url: str = "https://api.anthropic.com"
+    anthropic_version: str = "2023-06-01"
+    # Anthropic requires max_tokens; OpenAI clients often leave it out.
+    default_max_tokens: Annotated[int, Meta(ge=1)] = 4096
+
+
+class LocalProviderSettings(Struct, kw_only=True, forbid_unknown_fields=True, tag_field="kind",
+                            tag="local"):
+    """A model served inside this process (kind = "local")."""
+
+    # "auto": exllamav2 when a CUDA GPU and the package are usable, else transformers (CPU).
+    engine: Literal["auto", "exllamav2", "transformers"] = "auto"
+    # "builtin:smollm2-135m-instruct", or a model directory (config.json, tokenizer.json,
+    # *.safetensors; EXL2 or FP16/BF16 for exllamav2).
+    model: str = "builtin:smollm2-135m-instruct"
+    max_seq_len: Annotated[int, Meta(ge=16)] = 4096
+    max_batch_size: Annotated[int, Meta(ge=1, le=1024)] = 16  # sequences generated at once
+    # Requests waiting beyond the running ones; one more gets a 503 (or spills over).
+    max_queue: Annotated[int, Meta(ge=0)] = 64
+    cache: Literal["fp16", "q8", "q6", "q4"] = "fp16"  # exllamav2's KV cache
+    # A request that names no max_tokens may use the rest of the context (as OpenAI's API
+    # does) unless this is set.
+    default_max_tokens: Annotated[int, Meta(ge=0)] = 0
+    # Jobs active and no token for this long: /readyz says not ready (a hung engine).
+    stall_s: PositiveFloat = 30.0
+    # A request that arrives while the model loads waits this long, then gets a 503.
+    load_wait_s: Annotated[float, Meta(ge=0)] = 60.0
+    # The CPU engine's weights. "auto": bfloat16 where the CPU computes it natively
+    # (AVX512-BF16, AMX), which halves the bytes read per token; float32 elsewhere, where
+    # bfloat16 would be emulated and slow.
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    # The CPU engine generates at idle priority (SCHED_IDLE), so request handling always
+    # runs first. On a machine whose cores are always busy that can starve the model: set
+    # false there.
+    idle_priority: bool = True
+
+
+AnyProvider = ProviderSettings | AnthropicProviderSettings | LocalProviderSettings
+
+
+class TargetSettings(Struct, kw_only=True, forbid_unknown_fields=True):
+    provider: str
+    model: str | None = None
+    weight: Annotated[float, Meta(ge=0, le=1_000_000)] = 1.0
+    # Used only when every other target failed or rests.
+    fallback_only: bool = False
+
+
+class ModelSettings(Struct, kw_only=True, forbid_unknown_fields=True):
+    targets: list[TargetSettings]
+    # A local target whose queue is full or whose model is not ready passes the request to
+    # the next target instead of making it wait or fail.
+    spill_over: bool = True
+    # Prompts estimated at this many tokens or more go to the non-local targets (0: off).
+    prefer_local_below_tokens: Annotated[int, Meta(ge=0)] = 0
+
+
+class RoutingSettings(Struct, kw_only=True, forbid_unknown_fields=True):
+    # A target that failed (connect error, 5xx, 429, timeout) this many times in a row rests
+    # cooldown_s (or as long as its Retry-After asks).
+    cooldown_s: PositiveFloat = 30.0
+    failures_before_cooldown: Annotated[int, Meta(ge=1)] = 3
+    # Retries and fallbacks together at most this share of requests (plus a small floor).
+    retry_budget_ratio: Annotated[float, Meta(ge=0, le=1)] = 0.2
+    # A cheap GET {base_url}/models per upstream this often; 0 turns probing off.
+    probe_interval_s: Annotated[float, Meta(ge=0)] = 15.0
+    # Live weight changes are kept here (not in the operator's TOML) and survive a restart.
+    state_file: str = "state/routes.json"
+    # The longest a target rests, whatever an upstream's Retry-After asks.
+    max_rest_s: Annotated[float, Meta(gt=0, le=86_400)] = 300.0
+
+
+Algorithm = Literal[
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA",
+    "HS256", "HS384", "HS512",
+]
+
+
+class AuthSettings(Struct, kw_only=True, forbid_unknown_fields=True):
+    mode: Literal["none", "jwt"] = "none"
+    # Pinned here; the token's own header never chooses.
+    algorithms: Annotated[list[Algorithm], Meta(min_length=1)] = msgspec.field(
+        default_factory=lambda: ["RS256"]
+    )
+    public_key_file: str | None = None
+    jwks_file: str | None = None
+    jwks_url: str | None = None
+    secret_env: str | None = None
+    issuer: str | None = None
+    audience: str | None = None
+    leeway_s: Annotated[float, Meta(ge=0, le=300)] = 30.0
+    tenant_claim: str = "sub"
+    scope_claim: str = "scope"
+    chat_scope: str = "sidecar:chat"
+    admin_scope: str = "sidecar:admin"
+    models_claim: str | None = "models"
+    # Needed to run without authentication on an address other than loopback.
+    allow_unauthenticated: bool = False
+    jwks_refresh_s: PositiveFloat = 300.0
+    # An unknown `kid` refetches the key set at most this often.
+    jwks_cooldown_s: PositiveFloat = 30.0
+    jwks_timeout_s: PositiveFloat = 5.0
+    # Verified tokens kept, so a token used again costs a dict look-up, not a signature check.
+    token_cache_size: Annotated[int, Meta(ge=0)] = 10_000
+
+
+class LimitsSettings(Struct, kw_only=True, forbid_unknown_fields=True):
+    requests_per_minute: Annotated[int, Meta(ge=0)] = 0  # per tenant; 0 = no limit
+    tokens_per_minute: Annotated[int, Meta(ge=0)] = 0  # per tenant; 0 = no limit
+    # Reserved for a request that names no max_tokens, until its usage settles the count.
+    default_max_tokens: Annotated[int, Meta(ge=1)] = 512
+    max_concurrent_requests: Annotated[int, Meta(ge=1)] = 512  # whole process
+
+
+class CacheSettings(Struct, kw_only=True, forbid_unknown_fields=True):
+    enabled: bool = False
+    ttl_s: PositiveFloat = 3600.0
+    memory_items: Annotated[int, Meta(ge=1)] = 1024  # answers kept in this process
+    # "deterministic": temperature 0 or a seed; "always"; "never".
+    cache_when: Literal["deterministic", "always", "never"] = "deterministic"
+    # A Redis shared by a fleet of sidecars (redis:// or rediss://); "" keeps answers in this
+    # process only.
+    redis_url: str = ""
+    # redis_url names one node of a Redis Cluster; the others are found from it.
+    cluster: bool = False
+    # A slow or dead Redis costs a request at most this, then it goes on uncached.
+    timeout_ms: Annotated[float, Meta(gt=0, le=10_000)] = 100.0
+    # After a Redis failure, how long to stop asking it.
+    circuit_s: PositiveFloat = 5.0
+    # Identical misses on several sidecars: one fetches under a Redis lock held at most this
+    # long, the others wait for its answer.
+    lock_s: PositiveFloat = 10.0
+    # The environment variable holding the key-hashing secret, the same on every sidecar that
+    # shares the Redis (>= 32 characters); without Redis a random one per process is used.
+    secret_env: str | None = None
+
+
+class LoggingSettings(Struct, kw_only=True, forbid_unknown_fields=True):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    # One JSON line per request at info level.
+    requests: bool = True
+
+
+class MetricsSettings(Struct, kw_only=True, forbid_unknown_fields=True):
+    enabled: bool = True
+    # Where the Prometheus text is served (on the main listener unless `listen` is set).
+    path: str = "/metrics"
+    # "host:port" of a listener of its own for scrapers, loopback only; it needs no token.
+    listen: str = ""
+
+
+class Settings(Struct, kw_only=True, forbid_unknown_fields=True):
+    server: ServerSettings = msgspec.field(default_factory=ServerSettings)
+    providers: dict[str, AnyProvider] = {}
+    models: dict[str, ModelSettings] = {}
+    logging: LoggingSettings = msgspec.field(default_factory=LoggingSettings)
+    auth: AuthSettings = msgspec.field(default_factory=AuthSettings)
+    limits: LimitsSettings = msgspec.field(default_factory=LimitsSettings)
+    routing: RoutingSettings = msgspec.field(default_factory=RoutingSettings)
+    cache: CacheSettings = msgspec.field(default_factory=CacheSettings)
+    metrics: MetricsSettings = msgspec.field(default_factory=MetricsSettings)
+    # Filled in by load(): never read from the file.
+    source: str = "<memory>"
+    api_keys: dict[str, Secret] = {}
+    jwt_secret: Secret | None = None
+    cache_secret: Secret | None = None
+    # server.host resolved once at load: what the loopback check saw is what is bound.
+    listen_addresses: list[str] = []
