@@ -16,7 +16,7 @@ from cryptography import x509
 
 from sidecar import config
 from tests.support.auth_helpers import Issuer, jwt_config, make_issuer
-from tests.support.sidecar import ROOT, Sidecar, base_config
+from tests.support.sidecar import ROOT, Sidecar, base_config, closed_port, start_sidecar
 from tests.support.upstream_mock import MockUpstream
 
 USER = [{"role": "user", "content": "Hello there"}]
@@ -170,3 +170,27 @@ def test_the_served_certificates_expiry_is_a_gauge(sidecar_factory: Factory,
                       re.M)
     assert found, text[-2000:]
     assert float(found[1]) == expires
+
+
+def test_a_dead_redis_shows_as_failures_and_an_open_circuit(
+        mock_upstream: MockUpstream, tmp_path: Path) -> None:
+    dead = f"redis://127.0.0.1:{closed_port()}/0"
+    counted = start_sidecar(base_config(mock_upstream, extra=f"""
+[cache]
+enabled = true
+redis_url = "{dead}"
+secret_env = "SIDECAR_CACHE_SECRET"
+circuit_s = 30
+"""), tmp_path, env={"SIDECAR_CACHE_SECRET": "fleet-cache-secret-0123456789abcdef"})
+    try:
+        before = httpx.get(counted.url + "/metrics").text
+        assert "llm_sidecar_cache_redis_circuit_open" in before  # exported from the start
+        reply = httpx.post(counted.base_url + "/chat/completions", timeout=30, json={
+            "model": "gpt-test", "messages": USER, "temperature": 0})
+        assert reply.status_code == 200  # Redis is an accelerator: the answer comes uncached
+        after = httpx.get(counted.url + "/metrics").text
+    finally:
+        counted.stop()
+    failures = re.search(r"^llm_sidecar_cache_redis_failures_total (\S+)$", after, re.M)
+    assert failures is not None and float(failures[1]) >= 1
+    assert "llm_sidecar_cache_redis_circuit_open 1.0" in after
