@@ -69,7 +69,8 @@ def test_ready_reloading_status_and_stopping_reach_systemd_in_order(
 
 
 def test_a_model_still_loading_asks_for_more_time_before_ready(
-        notify: NotifySocket, mock_upstream: MockUpstream, tmp_path: Path) -> None:
+        mock_upstream: MockUpstream, tmp_path: Path) -> None:
+    notify = NotifySocket(str(tmp_path / "notify.sock"))  # the socket's kind is tested above
     sidecar = start_sidecar(local_config(mock_upstream), tmp_path / "s",
                             env={"NOTIFY_SOCKET": notify.address})
     try:
@@ -81,6 +82,7 @@ def test_a_model_still_loading_asks_for_more_time_before_ready(
         assert _ready(sidecar)  # READY=1 came once the model was in
     finally:
         sidecar.stop()
+        notify.sock.close()
 
 
 def _ready(sidecar: Sidecar) -> bool:

@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
 import httpx
 import pytest
 from prometheus_client.openmetrics.parser import (
@@ -306,16 +307,17 @@ def test_ten_thousand_random_model_names_add_no_series(metered: Sidecar) -> None
         return {"model": model, "messages": USER, "stream": random.random() < 0.5}
 
     async def send(count: int) -> list[int]:
-        limits = httpx.Limits(max_connections=16)
-        async with httpx.AsyncClient(base_url=metered.base_url, limits=limits,
-                                     timeout=30) as client:
+        # aiohttp's client: ten thousand requests in seconds rather than most of a minute.
+        connector = aiohttp.TCPConnector(limit=16)
+        async with aiohttp.ClientSession(metered.base_url + "/", connector=connector) as client:
             gate = asyncio.Semaphore(16)
 
             async def one(i: int) -> int:
                 path = paths[i % len(paths)]
                 name = "".join(random.choices(string.ascii_letters + string.digits, k=24))
-                async with gate:
-                    return (await client.post(path, json=body(path, name))).status_code
+                async with gate, client.post(path.lstrip("/"), json=body(path, name)) as reply:
+                    await reply.read()
+                    return reply.status
 
             return await asyncio.gather(*(one(i) for i in range(count)))
 
