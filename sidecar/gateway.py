@@ -198,7 +198,10 @@ class Gateway:
             in_flight = self.in_flight
             in_flight[label] = in_flight.get(label, 0) + 1
             try:
-                answer = await _first(backend, call, exchange.stream)
+                if exchange.stream:
+                    answer = await _first(backend, call)
+                else:  # the common case, one coroutine less
+                    answer = Answer(await backend.complete(call))
             except BaseException as exc:
                 in_flight[label] -= 1
                 if not isinstance(exc, SidecarError):
@@ -249,12 +252,10 @@ def _leave(in_flight: dict[str, int], label: str) -> None:
     in_flight[label] -= 1
 
 
-async def _first(backend: Backend, call: Call, stream: bool) -> Answer:
-    """A backend's whole answer, or its stream with the first event read: nothing is sent to
-    the client before that, so until then an error is a plain answer and another target may
-    still serve the request."""
-    if not stream:
-        return Answer(await backend.complete(call))
+async def _first(backend: Backend, call: Call) -> Answer:
+    """A backend's stream with its first event read: nothing is sent to the client before
+    that, so until then an error is a plain answer and another target may still serve the
+    request."""
     events = backend.stream(call)
     try:
         first: bytes | None = await anext(events)
