@@ -1,5 +1,10 @@
-"""What the sidecar holds in memory with the embedded model loaded: the process's resident
-size, read from /proc, once the model is ready and after a few requests."""
+"""What the sidecar holds in memory with the embedded model loaded, read from /proc once the
+model is ready and after a few requests.
+
+The goal is on the memory the process itself allocates (RssAnon: heap, weights, torch's
+allocator). The file-backed part of VmRSS is the pages of shared libraries and mapped files in
+the page cache: reclaimable, and not the same for the same code from two places (100 MB from
+one checkout, 144 MB from a fresh clone elsewhere, seen here), so it is reported, not judged."""
 
 from __future__ import annotations
 
@@ -14,9 +19,9 @@ from tests.support.sidecar import ROOT, Sidecar, start_sidecar
 GOAL_MB = 700
 
 
-def resident_mb(sidecar: Sidecar) -> float:
+def resident_mb(sidecar: Sidecar, field: str = "RssAnon") -> float:
     status = Path(f"/proc/{sidecar.process.pid}/status").read_text()
-    line = next(line for line in status.splitlines() if line.startswith("VmRSS:"))
+    line = next(line for line in status.splitlines() if line.startswith(field + ":"))
     return int(line.split()[1]) / 1024
 
 
@@ -39,7 +44,9 @@ def test_the_embedded_model_in_bfloat16_stays_under_the_memory_goal(tmp_path: Pa
                 max_tokens=32)
             assert reply.choices[0].message.content
         served = resident_mb(sidecar)
-        assert loaded < GOAL_MB, f"{loaded:.0f} MB resident once loaded"
-        assert served < GOAL_MB, f"{served:.0f} MB resident after four requests"
+        total = resident_mb(sidecar, "VmRSS")
+        assert loaded < GOAL_MB, f"{loaded:.0f} MB allocated once loaded ({total:.0f} MB RSS)"
+        assert served < GOAL_MB, f"{served:.0f} MB allocated after four requests " \
+            f"({total:.0f} MB RSS)"
     finally:
         sidecar.stop()
