@@ -173,21 +173,33 @@ class BrowserCheck:
         # Listening on every address: any address of this machine is its own.
         addresses = [_ip(a) for a in settings.listen_addresses]
         self._any_address = any(a is not None and a.is_unspecified for a in addresses)
+        self._seen: set[str] = set()  # Host headers already found to name this server
 
     def check(self, request: web.Request) -> None:
         headers = request.headers
         host = headers.get(hdrs.HOST)
-        if host is not None and not self._known(_host_name(host)):
+        if host is not None and host not in self._seen and not self._known_host(host):
             raise BrowserRefused(f"The Host `{host[:100]}` is not a name of this server; add it "
                                  "to server.allowed_hosts if it is.", code="host_not_allowed")
         origin = headers.get(hdrs.ORIGIN)
         if origin is not None and origin.lower() != f"{request.scheme}://{host}".lower():
             raise BrowserRefused(f"Requests from the origin `{origin[:100]}` are not accepted.")
         if request.method in _WITH_BODY and request.body_exists:
+            # The usual header, as clients write it, needs no parsing.
+            if headers.get(hdrs.CONTENT_TYPE) in _PLAIN_JSON:
+                return
             kind = request.content_type
             if kind != "application/json" and not kind.endswith("+json"):
                 raise UnsupportedMediaType(
                     "The body must be JSON, sent with `Content-Type: application/json`.")
+
+    def _known_host(self, host: str) -> bool:
+        """A Host header's verdict; the accepted ones are remembered (a few, bounded)."""
+        if not self._known(_host_name(host)):
+            return False
+        if len(self._seen) < 64:
+            self._seen.add(host)
+        return True
 
     def _known(self, name: str) -> bool:
         if name in self._names:
@@ -197,6 +209,8 @@ class BrowserCheck:
 
 
 _WITH_BODY = frozenset({"POST", "PUT", "PATCH"})
+_PLAIN_JSON = frozenset({"application/json", "application/json; charset=utf-8",
+                         "application/json; charset=UTF-8"})
 
 
 def _host_name(host: str) -> str:

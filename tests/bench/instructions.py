@@ -1,0 +1,113 @@
+"""Instructions per proxied request, counted by valgrind's callgrind: the same number for the
+same code and input whatever else the machine is doing, where requests per second on a shared
+machine move by 15% between two runs of the same code.
+
+Each sidecar (this tree, or a git revision checked out in a temporary worktree) runs under
+callgrind twice against the benchmark mock: once serving nothing, once serving N non-streamed
+chat requests one after the other; the difference over N is the cost of one request, start-up
+excluded. It needs valgrind (Debian package `valgrind`) and takes about a minute a tree.
+
+    python -m tests.bench.instructions --requests 300 7051ac3 HEAD
+    python -m tests.bench.instructions --extra '[metrics]\\nenabled = false' .
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import tempfile
+from pathlib import Path
+
+import aiohttp
+import orjson
+
+from tests.bench.gateway import (
+    CHAT,
+    LOAD_CPU,
+    ONE_TARGET,
+    PY,
+    ROOT,
+    SIDECAR_CONFIG,
+    free_port,
+    process,
+    wait_port,
+)
+
+
+def instructions(tree: Path, requests: int, mock: int, extra: str) -> int:
+    work = Path(tempfile.mkdtemp(prefix="sidecar-callgrind-"))
+    port = free_port()
+    config = work / "sidecar.toml"
+    config.write_text(SIDECAR_CONFIG.format(port=port, mock=mock, targets=ONE_TARGET) + extra)
+    env = {**os.environ, "BENCH_UPSTREAM_KEY": "sk-bench-not-a-real-key"}
+    with (work / "valgrind.log").open("wb") as log:
+        server = subprocess.Popen(
+            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={work / 'out'}", PY, "-m",
+             "sidecar", "serve", "--config", str(config)],
+            cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=log)
+        try:
+            wait_port(port, 300)
+            asyncio.run(_send(f"http://127.0.0.1:{port}/v1/chat/completions", requests))
+        finally:
+            server.send_signal(signal.SIGTERM)
+            server.wait(300)
+    counted = re.search(r"Collected : (\d+)", (work / "valgrind.log").read_text())
+    if counted is None:
+        raise RuntimeError(f"callgrind said no total: {work / 'valgrind.log'}")
+    return int(counted[1])
+
+
+async def _send(url: str, requests: int) -> None:
+    body = orjson.dumps(CHAT)
+    async with aiohttp.ClientSession() as session:
+        for _ in range(requests):
+            async with session.post(url, data=body,
+                                    headers={"Content-Type": "application/json"}) as reply:
+                if reply.status != 200:
+                    raise RuntimeError(f"{reply.status}: {await reply.text()}")
+                await reply.read()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("trees", nargs="+", metavar="REV",
+                        help="git revisions, or `.` for this working tree")
+    parser.add_argument("--requests", type=int, default=300)
+    parser.add_argument("--extra", default="", help="TOML appended to every sidecar's config")
+    args = parser.parse_args()
+    extra = "\n" + args.extra.replace("\\n", "\n") + "\n" if args.extra else ""
+    temporary: list[Path] = []
+    rows: list[tuple[str, float]] = []
+    mock = free_port()
+    try:
+        with process([PY, "-m", "tests.bench.mock", str(mock)], LOAD_CPU, mock):
+            for rev in args.trees:
+                tree = ROOT
+                if rev != ".":
+                    tree = Path(tempfile.mkdtemp(prefix="sidecar-rev-"))
+                    subprocess.run(["git", "worktree", "add", "--detach", str(tree), rev],
+                                   cwd=ROOT, check=True, capture_output=True)
+                    temporary.append(tree)
+                idle = instructions(tree, 0, mock, extra)
+                busy = instructions(tree, args.requests, mock, extra)
+                rows.append((rev, (busy - idle) / args.requests))
+    finally:
+        for tree in temporary:
+            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT,
+                           check=False, capture_output=True)
+    first = rows[0][1]
+    print(f"\ninstructions per non-streamed chat request ({args.requests} requests)\n")
+    print("| tree | instructions | first / this |")
+    print("|---|---|---|")
+    for rev, count in rows:
+        print(f"| {rev} | {count:,.0f} | {first / count:.3f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
