@@ -6,11 +6,10 @@ from collections.abc import AsyncIterator
 
 import openai
 import pytest
-from aiohttp import web
-from blockbuster import BlockBuster
 
 from sidecar import config
 from sidecar.app import create_app
+from tests.support.in_process import no_blocking, serving
 from tests.support.sidecar import UPSTREAM_KEY, base_config
 from tests.support.upstream_mock import MockUpstream
 
@@ -24,22 +23,13 @@ async def in_process(mock_upstream: MockUpstream, tmp_path_factory: pytest.TempP
     mock_upstream.reset()
     path = tmp_path_factory.mktemp("inproc") / "c.toml"
     path.write_text(base_config(mock_upstream))
-    runner = web.AppRunner(create_app(config.load(path)), handler_cancellation=True)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x",
-                                max_retries=0)
-    blockbuster = BlockBuster()
-    # Only our own code is watched; the test client and the mock thread are not the product.
-    blockbuster.activate()
-    try:
-        yield client
-    finally:
-        blockbuster.deactivate()
-        await client.close()
-        await runner.cleanup()
+    async with serving(create_app(config.load(path))) as url:
+        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        try:
+            with no_blocking():
+                yield client
+        finally:
+            await client.close()
 
 
 async def test_requests_never_block_the_event_loop(in_process: openai.AsyncOpenAI) -> None:

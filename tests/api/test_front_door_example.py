@@ -11,10 +11,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from aiohttp import web
 
 from sidecar import config
 from sidecar.app import create_app
+from tests.support.in_process import serving
 from tests.support.sidecar import ROOT, UPSTREAM_KEY, base_config
 from tests.support.upstream_mock import MockUpstream
 
@@ -43,20 +43,12 @@ async def test_the_front_door_shown_in_the_architecture_page_works(
     path.write_text(base_config(mock_upstream).replace("@STATE@", str(tmp_path / "r.json")))
     app = create_app(config.load(path))
     app.add_routes(echo.routes)  # type: ignore[attr-defined]  # the registration
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-        async with httpx.AsyncClient() as client:
-            reply = await client.post(url + "/v1/echo", json={"model": "gpt-test", "text": "hi"})
-            assert reply.status_code == 200, reply.text
-            assert reply.json() == {"text": "Hello from mock: hi"}
-            # Through the path: the route's target was reached, with its model name.
-            assert mock_upstream.count() == 1
-            refused = await client.post(url + "/v1/echo", json={"model": "nope", "text": "x"})
-            assert refused.status_code == 404  # the path's errors, in the OpenAI shape
-            assert refused.json()["error"]["code"] == "model_not_found"
-    finally:
-        await runner.cleanup()
+    async with serving(app) as url, httpx.AsyncClient() as client:
+        reply = await client.post(url + "/v1/echo", json={"model": "gpt-test", "text": "hi"})
+        assert reply.status_code == 200, reply.text
+        assert reply.json() == {"text": "Hello from mock: hi"}
+        # Through the path: the route's target was reached, with its model name.
+        assert mock_upstream.count() == 1
+        refused = await client.post(url + "/v1/echo", json={"model": "nope", "text": "x"})
+        assert refused.status_code == 404  # the path's errors, in the OpenAI shape
+        assert refused.json()["error"]["code"] == "model_not_found"

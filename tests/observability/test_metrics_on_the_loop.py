@@ -10,12 +10,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from aiohttp import web
-from blockbuster import BlockBuster
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar import config
 from sidecar.app import create_app
+from tests.support.in_process import no_blocking, serving
 from tests.support.sidecar import ROOT, UPSTREAM_KEY, base_config
 from tests.support.upstream_mock import MockUpstream
 
@@ -34,19 +33,10 @@ async def in_process(mock_upstream: MockUpstream, tmp_path: Path,
     path = tmp_path / "c.toml"
     path.write_text(base_config(mock_upstream, server=(
         f'tls_cert = "{tmp_path / "cert.pem"}"\ntls_key = "{tmp_path / "key.pem"}"')))
-    runner = web.AppRunner(create_app(config.load(path)), handler_cancellation=True)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{runner.addresses[0][1]}")
-    blockbuster = BlockBuster()
-    blockbuster.activate()
-    try:
-        yield client
-    finally:
-        blockbuster.deactivate()
-        await client.aclose()
-        await runner.cleanup()
+    async with serving(create_app(config.load(path))) as url, \
+            httpx.AsyncClient(base_url=url) as client:
+        with no_blocking():
+            yield client
 
 
 async def test_counting_scraping_and_stats_never_block_the_event_loop(
