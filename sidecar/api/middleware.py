@@ -26,7 +26,7 @@ from sidecar.errors import (
 )
 from sidecar.observability.logging import AccessLog, process_tag
 from sidecar.observability.metrics import Metrics
-from sidecar.observability.timing import RequestContext, Timing
+from sidecar.observability.timing import RequestContext
 from sidecar.security.jwt import ANONYMOUS, Forbidden, Unauthorized, Verifier
 from sidecar.security.limits import Limiter
 from sidecar.settings import AuthSettings, Settings
@@ -73,13 +73,13 @@ def make_middleware(access_log: AccessLog, guard: Guard, metrics: Metrics | None
             response = error_response(_from_http(request, exc))
         except asyncio.CancelledError as exc:
             if not cancelled_for_shutdown(exc):
-                _log(access_log, request, rid, timing, fields, 499,
+                _log(access_log, request, context, 499,
                      "client closed the connection")
                 if metrics is not None:
                     metrics.observe(request.path, context, 499, None)
                 raise
             if request.writer.output_size > 0:  # a stream under way ends in its own way
-                _log(access_log, request, rid, timing, fields, 503, "server shutting down")
+                _log(access_log, request, context, 503, "server shutting down")
                 if metrics is not None:
                     metrics.observe(request.path, context, 503, None)
                 raise
@@ -102,7 +102,7 @@ def make_middleware(access_log: AccessLog, guard: Guard, metrics: Metrics | None
             headers["X-Sidecar-Overhead-Ms"] = f"{overhead_ms:.3f}"
         if access_log.enabled:
             fields["overhead_us"] = int(overhead_ms * 1000)
-            _log(access_log, request, rid, timing, fields, response.status, None)
+            _log(access_log, request, context, response.status, None)
         if metrics is not None:
             metrics.observe(request.path, context, response.status, failure)
         return response
@@ -243,19 +243,17 @@ def _bearer(request: web.Request) -> str:
     return token
 
 
-def _log(
-    access_log: AccessLog,
-    request: web.Request,
-    rid: str,
-    timing: Timing,
-    fields: dict[str, object],
-    status: int,
-    note: str | None,
-) -> None:
+def _log(access_log: AccessLog, request: web.Request, context: RequestContext, status: int,
+         note: str | None) -> None:
+    """The request's one log line: the edge's fields, and what the path recorded."""
     if not access_log.enabled:
         return
+    fields, timing = context.fields, context.timing
+    context.record.log_fields(fields)
+    if timing.model_wait:
+        fields["model_wait_us"] = int(timing.model_wait * 1_000_000)
     fields.setdefault("overhead_us", int(timing.overhead_ms() * 1000))
-    fields["request_id"] = rid
+    fields["request_id"] = context.request_id
     fields["method"] = request.method
     fields["path"] = request.path
     fields["status"] = status

@@ -76,15 +76,10 @@ async def proxy(endpoint: str, schema: Schema, request: web.Request) -> web.Stre
         exchange.choices = parsed.n or 1
     else:
         exchange.cacheable = False  # embeddings
-    try:
-        answer = await request.app[GATEWAY].open(exchange)
-        if not exchange.stream:
-            return write_json(request, answer)
-        return await write_stream(request, answer)
-    finally:
-        context.record.log_fields(context.fields)
-        if context.timing.model_wait:
-            context.fields["model_wait_us"] = int(context.timing.model_wait * 1_000_000)
+    answer = await request.app[GATEWAY].open(exchange)
+    if not exchange.stream:
+        return write_json(request, answer)
+    return await write_stream(request, answer)
 
 
 async def _read_body(request: web.Request) -> bytes:
