@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import ssl
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -17,7 +15,8 @@ from sidecar.security.certs import generate_tls
 from sidecar.transport import UpstreamClient, tls_context
 from sidecar.transport.dial import Origin, choose_proxy
 from sidecar.transport.errors import ConnectFailed
-from tests.support.raw_upstream import Request, answer, raw_upstream, read_request
+from tests.support.egress_proxy import egress_proxy
+from tests.support.raw_upstream import Request, answer, raw_upstream
 
 
 @pytest.fixture(scope="module")
@@ -101,56 +100,6 @@ def test_the_tls_context_verifies_and_asks_for_tls_1_2_at_least(
     for context in (tls_context(None), tls_context(str(certs["ca"]))):
         assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
         assert context.minimum_version == ssl.TLSVersion.TLSv1_2
-
-
-class Proxy:
-    """An egress proxy on loopback: tunnels CONNECT, answers absolute-URL requests itself."""
-
-    def __init__(self, refuse: bool = False) -> None:
-        self.refuse = refuse
-        self.heads: list[Request] = []
-        self.port = 0
-
-
-@contextlib.asynccontextmanager
-async def egress_proxy(refuse: bool = False) -> AsyncIterator[Proxy]:
-    proxy = Proxy(refuse)
-
-    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError):
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        writer.close()
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        request = await read_request(reader)
-        if request is None:
-            writer.close()
-            return
-        proxy.heads.append(request)
-        if proxy.refuse:
-            writer.write(b"HTTP/1.1 407 Proxy Authentication Required\r\n"
-                         b"Content-Length: 0\r\n\r\n")
-            writer.close()
-            return
-        if not request.line.startswith("CONNECT "):
-            writer.write(answer(request.line.encode()))  # the absolute form, answered here
-            await writer.drain()
-            writer.close()
-            return
-        host, port = request.line.split()[1].rsplit(":", 1)
-        target_reader, target_writer = await asyncio.open_connection(
-            "127.0.0.1" if host == "localhost" else host, int(port))
-        writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
-        await asyncio.gather(pipe(reader, target_writer), pipe(target_reader, writer))
-
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    proxy.port = server.sockets[0].getsockname()[1]
-    try:
-        yield proxy
-    finally:
-        server.close()
 
 
 async def test_https_through_a_connect_proxy_is_tls_end_to_end(certs: dict[str, Path]) -> None:
