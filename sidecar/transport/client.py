@@ -167,7 +167,7 @@ class UpstreamClient:
                 + extra + b"Content-Length: %d\r\n\r\n" % len(body))
         message = head + body if len(body) < 16384 else None
         for attempt in (0, 1):
-            connection = await self.pool.acquire()
+            connection = self.pool.take() or await self.pool.acquire()
             try:
                 if message is not None:
                     connection.send(message)

@@ -34,14 +34,21 @@ class Pool:
     def idle(self) -> int:
         return len(self._idle)
 
-    async def acquire(self) -> Connection:
-        """A live idle connection, or a new one (which may raise the dial's errors)."""
+    def take(self) -> Connection | None:
+        """A live idle connection, if there is one (the common case, without awaiting)."""
         while self._idle:
             connection, _ = self._idle.pop()
             if connection.closed or not connection.idle:
                 self._open -= 1  # closed by the peer while idle
                 continue
             connection.reused = True
+            return connection
+        return None
+
+    async def acquire(self) -> Connection:
+        """A live idle connection, or a new one (which may raise the dial's errors)."""
+        connection = self.take()
+        if connection is not None:
             return connection
         if self._limit and self._open >= self._limit:
             waiter: asyncio.Future[Connection | None] = asyncio.get_running_loop().create_future()

@@ -182,8 +182,8 @@ async def test_two_thousand_cancelled_requests_leave_fds_and_memory_where_they_w
     async def slow_stream(request: Request, writer: asyncio.StreamWriter) -> bool:
         if request.line.startswith("POST /mid"):
             writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n")
-        await asyncio.sleep(30)
-        return True
+        await wait_eof(request.reader)  # until the client leaves; then this side closes too
+        return False
 
     async with raw_upstream(slow_stream) as upstream:
         client = UpstreamClient(upstream.url)
@@ -205,11 +205,13 @@ async def test_two_thousand_cancelled_requests_leave_fds_and_memory_where_they_w
 
         for _ in range(2):  # warm up allocators and the server
             await batch(100)
-        await asyncio.sleep(0.1)
+        await upstream.wait_ended(200, within_s=10)
+        await asyncio.sleep(0.05)
         fds, rss = open_fds(), rss_bytes()
         for _ in range(20):
             await batch(100)
-        await asyncio.sleep(0.2)
+        await upstream.wait_ended(2200, within_s=10)
+        await asyncio.sleep(0.05)
         assert client.pool.open == 0
         assert open_fds() - fds <= 2, f"{open_fds() - fds} more descriptors open"
         assert rss_bytes() - rss < 8 << 20, f"RSS grew by {(rss_bytes() - rss) >> 10} KiB"
