@@ -40,6 +40,10 @@ class Limits:
     buffer_low: int = 64 * 1024
 
 
+# What one interim (1xx) answer counts against max_header_bytes: 64 of them fill 64 KiB.
+_INTERIM_COST = 1024
+
+
 class _Violation(Exception):
     """Raised inside a parser callback; the parser wraps it, and data_received unwraps it."""
 
@@ -152,6 +156,11 @@ class Connection(asyncio.Protocol):
                 raise _Violation(ProtocolViolation("the upstream switched protocols (HTTP 101)"))
             self._interim = True  # 100 Continue, 103 Early Hints: the real answer follows
             self._raw_headers = []
+            # Each costs a few bytes: without a count, an upstream could send them until the
+            # headers timeout. (Their header bytes keep counting towards the limit.)
+            self._header_bytes += _INTERIM_COST
+            if self._header_bytes > self._limits.max_header_bytes:
+                raise _Violation(ProtocolViolation("the upstream sent too many 1xx answers"))
             return
         headers: dict[str, str] = {}
         for raw_name, raw_value in self._raw_headers:
