@@ -238,6 +238,9 @@ class Connection(asyncio.Protocol):
         self.headers = {}
         self._busy = True
         self._last_data = self._loop.time()
+        if self.closed:  # the peer left before this request: nothing will ever answer it
+            self._error = Disconnected("the upstream closed the connection")
+            return
         self.transport.write(data)
 
     def start_tunnel(self, request: bytes) -> None:
