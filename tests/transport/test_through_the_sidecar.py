@@ -1,7 +1,8 @@
 """The transport as the sidecar uses it: the app served in the test's loop (blockbuster on),
 the official openai client in front, and behind it an https upstream whose CA the test
 generated (`ca_file`), reached through an egress proxy on loopback (`proxy`), whole answers
-and streams; a malformed upstream answer is a 502 in OpenAI's error shape."""
+and streams; a malformed upstream answer is a 502 in OpenAI's error shape, and headers later
+than `timeout_headers_s` a 504."""
 
 from __future__ import annotations
 
@@ -45,6 +46,8 @@ def chunk_event(text: str, finish: str | None = None) -> bytes:
 
 async def upstream_answer(request: Request, writer: asyncio.StreamWriter) -> bool:
     body = orjson.loads(request.body)
+    if body.get("slow_head"):
+        await asyncio.sleep(1.0)
     if body.get("malformed"):
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked"
                      b"\r\n\r\n{}")
@@ -95,6 +98,7 @@ ca_file = "{ca}"
 proxy = "http://127.0.0.1:{proxy.port}"
 max_retries = 0
 timeout_read_s = 2
+timeout_headers_s = 0.3
 
 [models."m"]
 targets = [ {{ provider = "secure", model = "up", weight = 1 }} ]
@@ -137,3 +141,14 @@ async def test_a_malformed_upstream_answer_is_a_502_in_openai_shape(
     assert isinstance(error, dict) and error["type"] == "upstream_error"
     assert "not a valid HTTP response" in error["message"]
     assert "Transfer-Encoding" in error["message"]
+
+
+async def test_headers_slower_than_timeout_headers_s_are_a_504(through_proxy: Setup) -> None:
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(openai.APIStatusError) as caught:
+        await through_proxy.client.chat.completions.create(
+            model="m", messages=USER, extra_body={"slow_head": True})  # type: ignore[arg-type]
+    assert caught.value.status_code == 504
+    assert caught.value.code == "upstream_timeout"
+    # timeout_headers_s (0.3 s) applied, not timeout_read_s (2 s).
+    assert asyncio.get_running_loop().time() - started < 0.9
