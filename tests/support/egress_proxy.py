@@ -51,7 +51,8 @@ async def egress_proxy(refuse: bool = False) -> AsyncIterator[Proxy]:
         target_reader, target_writer = await asyncio.open_connection(
             "127.0.0.1" if host == "localhost" else host, int(port))
         writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
-        await asyncio.gather(pipe(reader, target_writer), pipe(target_reader, writer))
+        with contextlib.suppress(asyncio.CancelledError):  # the test is over
+            await asyncio.gather(pipe(reader, target_writer), pipe(target_reader, writer))
 
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
     proxy.port = server.sockets[0].getsockname()[1]
