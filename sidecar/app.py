@@ -10,7 +10,6 @@ import logging
 import os
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any
-from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
@@ -52,6 +51,7 @@ from sidecar.routing.table import RouteTable
 from sidecar.security.jwt import JwksFetcher, Verifier, load_static_keys
 from sidecar.security.limits import Limiter
 from sidecar.settings import AnthropicProviderSettings, LocalProviderSettings, Settings
+from sidecar.transport.clients import UpstreamClients
 
 log = logging.getLogger("sidecar")
 
@@ -153,9 +153,9 @@ async def _cache(app: web.Application) -> AsyncIterator[None]:
 
 async def _backends(app: web.Application) -> AsyncIterator[None]:
     """A backend per provider: local engines, and upstreams on one pooled keep-alive client
-    session per origin, shared by the providers there."""
+    per origin (sidecar/transport/), shared by the providers there."""
     settings = app[SETTINGS]
-    sessions: dict[str, aiohttp.ClientSession] = {}
+    clients = UpstreamClients()
     backends: dict[str, Backend] = {}
     app[BACKENDS] = backends
     try:
@@ -164,31 +164,18 @@ async def _backends(app: web.Application) -> AsyncIterator[None]:
                 engine = await asyncio.to_thread(make_engine, provider)
                 backends[name] = LocalBackend(name, engine, provider, settings.server.heartbeat_s)
                 continue
-            url = urlsplit(provider.base_url)
-            origin = f"{url.scheme}://{url.netloc}"
-            session = sessions.get(origin)
-            if session is None:
-                connector = aiohttp.TCPConnector(
-                    limit=provider.max_connections,
-                    limit_per_host=0,
-                    ttl_dns_cache=60,
-                    enable_cleanup_closed=True,
-                )
-                # Requests are sent as the client wrote them; the sidecar adds no cookies.
-                session = sessions[origin] = aiohttp.ClientSession(
-                    connector=connector, cookie_jar=aiohttp.DummyCookieJar())
+            client = await clients.for_provider(provider, provider.base_url)
             if isinstance(provider, AnthropicProviderSettings):
                 backends[name] = AnthropicUpstream(name, provider, settings.api_keys.get(name),
-                                                   session, settings.server.heartbeat_s)
+                                                   client, settings.server.heartbeat_s)
                 continue
             backends[name] = OpenAIUpstream(name, provider, settings.api_keys.get(name),
-                                            session, settings.server.heartbeat_s)
+                                            client, settings.server.heartbeat_s)
         yield
     finally:
         for backend in backends.values():
             await backend.close()
-        for session in sessions.values():
-            await session.close()
+        await clients.close()
 
 
 async def _gateway(app: web.Application) -> AsyncIterator[None]:

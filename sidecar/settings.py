@@ -77,6 +77,15 @@ class UpstreamSettings(Struct, kw_only=True, forbid_unknown_fields=True):
     max_response_bytes: Annotated[int, Meta(ge=1024)] = 64 * 1024 * 1024
     # One event of a stream, likewise: a stream that never separates its events is cut here.
     max_event_bytes: Annotated[int, Meta(ge=1024)] = 4 * 1024 * 1024
+    # Waiting for the response's headers once the request is sent; unset: timeout_read_s.
+    timeout_headers_s: PositiveFloat | None = None
+    # A pooled keep-alive connection unused this long is closed.
+    keepalive_s: PositiveFloat = 30.0
+    # An egress HTTP proxy (CONNECT for https); unset: HTTPS_PROXY / HTTP_PROXY and NO_PROXY
+    # from the environment; "" means none.
+    proxy: str | None = None
+    # The CA bundle that signs this upstream's certificate; unset: the system's CAs.
+    ca_file: str | None = None
 
 
 class ProviderSettings(UpstreamSettings, tag_field="kind", tag="openai"):

@@ -11,7 +11,6 @@ import time
 from collections.abc import AsyncGenerator
 from typing import Any
 
-import aiohttp
 import orjson
 
 from sidecar.backends.base import HEARTBEAT, Call
@@ -21,6 +20,7 @@ from sidecar.protocol.anthropic import StreamState, answer_events, request_to_an
 from sidecar.protocol.chat import ChatRequest, StreamFailure, Usage
 from sidecar.protocol.openai_chat import ChunkWriter, answer_json, request_from_openai
 from sidecar.settings import AnthropicProviderSettings, Secret
+from sidecar.transport import UpstreamClient
 
 # OpenAI fields a Messages request cannot carry, refused rather than quietly dropped: the
 # client would get an answer that ignores what it asked for.
@@ -35,15 +35,15 @@ class AnthropicUpstream(HttpUpstream):
     stream_end = "message_stop"
 
     def __init__(self, name: str, settings: AnthropicProviderSettings, api_key: Secret | None,
-                 session: aiohttp.ClientSession, heartbeat_s: float) -> None:
-        super().__init__(name, settings, settings.base_url, api_key, session, heartbeat_s)
+                 client: UpstreamClient, heartbeat_s: float) -> None:
+        super().__init__(name, settings, settings.base_url, api_key, client, heartbeat_s)
         self._headers["anthropic-version"] = settings.anthropic_version
         self._default_max_tokens = settings.default_max_tokens
 
     def auth_headers(self, key: str) -> dict[str, str]:
         return {"x-api-key": key}
 
-    def url(self, call: Call) -> str:
+    def path(self, call: Call) -> str:
         return f"{self._base}/v1/messages"
 
     def ends(self, data: bytes) -> bool:

@@ -6,23 +6,22 @@ shares with other upstreams: sidecar/backends/http_upstream.py)."""
 
 from __future__ import annotations
 
-import aiohttp
-
 from sidecar.backends.base import Call
 from sidecar.backends.http_upstream import HttpUpstream
 from sidecar.protocol.sse import DONE
 from sidecar.settings import ProviderSettings, Secret
+from sidecar.transport import UpstreamClient
 
 
 class OpenAIUpstream(HttpUpstream):
     def __init__(self, name: str, settings: ProviderSettings, api_key: Secret | None,
-                 session: aiohttp.ClientSession, heartbeat_s: float) -> None:
-        super().__init__(name, settings, settings.base_url, api_key, session, heartbeat_s)
+                 client: UpstreamClient, heartbeat_s: float) -> None:
+        super().__init__(name, settings, settings.base_url, api_key, client, heartbeat_s)
 
     def auth_headers(self, key: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {key}"}
 
-    def url(self, call: Call) -> str:
+    def path(self, call: Call) -> str:
         return f"{self._base}/{call.endpoint}"
 
     def ends(self, data: bytes) -> bool:
