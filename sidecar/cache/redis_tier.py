@@ -90,8 +90,16 @@ class RedisTier:
         value = await self._call("GET", self._prefix + key)
         return value if isinstance(value, bytes) else None
 
-    async def set(self, key: str, value: bytes, ttl_s: float) -> None:
-        await self._call("SET", self._prefix + key, value, "PX", max(1, int(ttl_s * 1000)))
+    async def set(self, key: str, value: bytes, ttl_s: float) -> bool:
+        """True once Redis has it; False when it did not answer in time (or the circuit is
+        open)."""
+        reply = await self._call("SET", self._prefix + key, value, "PX",
+                                 max(1, int(ttl_s * 1000)))
+        return reply is not None
+
+    async def delete(self, key: str) -> bool:
+        """True once Redis has deleted it (or never had it)."""
+        return await self._call("DEL", self._prefix + key) is not None
 
     def describe(self) -> dict[str, Any]:
         return {"healthy": self.healthy, "failures": self.failures,
