@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
+import openai
 import pytest
 
 from sidecar import config
@@ -324,3 +325,29 @@ async def test_page_handlers_never_block_the_event_loop(secured: PageClient,
         assert (await secured.post("/admin/cache", {"csrf": page.field("csrf"),
                                                     "scope": "all"})).status == 303
         assert (await secured.post("/admin/logout", {"csrf": page.field("csrf")})).status == 303
+
+
+async def test_the_json_api_flushes_one_tenants_answers(secured: PageClient,
+                                                        issuer: Issuer) -> None:
+    chat = openai.AsyncOpenAI(base_url=secured.url + "/v1", api_key=issuer.token(sub="tenant-a"))
+    for _ in range(2):
+        await chat.chat.completions.create(
+            model="gpt-test", temperature=0,
+            messages=[{"role": "user", "content": "kept"}])
+    await chat.close()
+    admin = {"Authorization": f"Bearer {admin_token(issuer)}"}
+
+    async def flush(body: object) -> tuple[int, dict[str, object]]:
+        async with secured.http.post(secured.url + "/admin/api/cache/flush", json=body,
+                                     headers=admin) as response:
+            return response.status, await response.json()
+
+    async with secured.http.get(secured.url + "/admin/api/cache", headers=admin) as response:
+        counts = await response.json()
+    assert counts["hit"] == 1 and counts["memory_entries"] == 1
+    status, refused = await flush({"tenant": 5})
+    assert status == 400 and refused["error"]["param"] == "tenant"
+    assert (await flush({"who": "x"}))[0] == 400
+    assert await flush({"tenant": "tenant-b"}) == (200, {"dropped": 0})
+    assert await flush({"tenant": "tenant-a"}) == (200, {"dropped": 1})
+    assert await flush({}) == (200, {"dropped": 0})
