@@ -82,7 +82,7 @@ class PageAccess:
 
     async def visit(self, request: web.Request) -> Visit | None:
         """The browser's live session, if it has one."""
-        self._browsers.check_origin(request)
+        self.check_sender(request)
         session_id = request.cookies.get(self.cookie, "")
         session = await self.sessions.get(session_id) if session_id else None
         return Visit(session_id, session) if session is not None else None
@@ -93,15 +93,25 @@ class PageAccess:
         return Visit(session_id, session)
 
     def check_sender(self, request: web.Request) -> None:
-        """Refuse a state-changing request that another site's page made the browser send."""
-        self._browsers.check_origin(request)
-        site = request.headers.get("Sec-Fetch-Site")
+        """Refuse a request that another site's page made the browser send: a Host that is
+        not this server, an Origin of another site, or Sec-Fetch-Site saying so."""
+        self._browsers.check_host(request)
+        headers = request.headers
+        site = headers.get("Sec-Fetch-Site")
         if site is not None and site not in _OWN_SITE:
             raise BrowserRefused(f"A form sent from another site (`Sec-Fetch-Site: {site[:40]}`) "
                                  "is not accepted.")
-        origin = request.headers.get(hdrs.ORIGIN)
-        if origin is not None and origin.lower() == "null":
-            raise BrowserRefused("A form sent from an opaque origin is not accepted.")
+        origin = headers.get(hdrs.ORIGIN)
+        if origin is None:
+            return
+        if origin.lower() == "null":
+            # Our own pages' forms are sent with `Origin: null`: Referrer-Policy: no-referrer
+            # hides the origin too. The browser still says where the form came from.
+            if site != "same-origin":
+                raise BrowserRefused("A form sent from an opaque origin is not accepted.")
+            return
+        if origin.lower() != f"{request.scheme}://{headers.get(hdrs.HOST)}".lower():
+            raise BrowserRefused(f"Requests from the origin `{origin[:100]}` are not accepted.")
 
     def check_csrf(self, visit: Visit, form: Form) -> None:
         sent = form.get("csrf")

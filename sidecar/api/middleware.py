@@ -191,14 +191,19 @@ class BrowserCheck:
 
     def check_origin(self, request: web.Request) -> None:
         """The Host is one of this server's names and the Origin, when sent, is this server."""
+        self.check_host(request)
         headers = request.headers
         host = headers.get(hdrs.HOST)
-        if host is not None and host not in self._seen and not self._known_host(host):
-            raise BrowserRefused(f"The Host `{host[:100]}` is not a name of this server; add it "
-                                 "to server.allowed_hosts if it is.", code="host_not_allowed")
         origin = headers.get(hdrs.ORIGIN)
         if origin is not None and origin.lower() != f"{request.scheme}://{host}".lower():
             raise BrowserRefused(f"Requests from the origin `{origin[:100]}` are not accepted.")
+
+    def check_host(self, request: web.Request) -> None:
+        """The Host is one of this server's names (not a rebound DNS name)."""
+        host = request.headers.get(hdrs.HOST)
+        if host is not None and host not in self._seen and not self._known_host(host):
+            raise BrowserRefused(f"The Host `{host[:100]}` is not a name of this server; add it "
+                                 "to server.allowed_hosts if it is.", code="host_not_allowed")
 
     def _known_host(self, host: str) -> bool:
         """A Host header's verdict; the accepted ones are remembered (a few, bounded)."""
