@@ -102,6 +102,11 @@ class SessionStore:
         self._kept.pop(session_id, None)
 
     def _drop_expired(self) -> None:
+        """The oldest sessions first, while they have ended: a login costs no scan of them
+        all. One that ends sooner than an older one is refused by `get` until it goes."""
         now = time.time()
-        for session_id in [i for i, s in self._kept.items() if s.expires <= now]:
-            del self._kept[session_id]
+        while self._kept:
+            oldest = next(iter(self._kept.values()))
+            if oldest.expires > now:
+                return
+            self._kept.popitem(last=False)
