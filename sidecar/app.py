@@ -225,7 +225,7 @@ async def _route_sync(app: web.Application) -> AsyncIterator[None]:
         return
     sync = app[ROUTE_SYNC] = RouteSync(settings.cache.redis_url, app[GATEWAY].routes,
                                        app[ROUTE_STATE], settings.cache.timeout_ms / 1000,
-                                       app[CACHE_SECRET])
+                                       app[CACHE_SECRET], app[AUDIT])
     try:
         async with _running(sync.run(), "route-sync"):
             yield

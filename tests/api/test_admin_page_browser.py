@@ -233,6 +233,8 @@ def test_unload_and_load_the_embedded_engine(page: Browsing) -> None:
     engine_action(page, "load", BUILTIN)
     assert engine_state(page) == "ready"
     assert "ready" in page.text("engine-1")
+    # SmolLM2-135M's parameters: 513 MiB in float32, 257 MiB in bfloat16.
+    assert " MiB (" in page.text("engine-1")
     page.shot("engines")
     answer = page.chat().chat.completions.create(
         model="local", max_tokens=4, temperature=0,

@@ -1,14 +1,17 @@
 """Admin page sessions beyond one process and one scheme: a fleet on one real redis-server
 accepts a login made on any of its sidecars (and a logout on any ends it everywhere), Redis
-keeps only a hash of the id; over TLS the cookie is __Host- prefixed and Secure."""
+keeps only a hash of the id, and a weight saved on one page shows in the other's audit; over
+TLS the cookie is __Host- prefixed and Secure."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import ssl
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -62,7 +65,7 @@ secret_env = "SIDECAR_CACHE_SECRET"
             serving(create_app(load(text, tmp_path / "two" / "c.toml"))) as two, \
             aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http:
         first = PageClient(http, one)
-        assert (await first.log_in(issuer.token(scope="sidecar:admin"))).status == 303
+        assert (await first.log_in(issuer.token(scope="sidecar:admin", sub="ops"))).status == 303
         session_id = first.cookies["sidecar_session"]
         second = PageClient(http, two, dict(first.cookies))
         page = await second.get("/admin/routing")
@@ -70,6 +73,17 @@ secret_env = "SIDECAR_CACHE_SECRET"
         kept = redis_server.stored()
         assert f"sc:session:{hashlib.sha256(session_id.encode()).hexdigest()}" in kept
         assert not any(session_id in key for key in kept)
+        # A weight saved on one sidecar's page reaches the other, whose audit page says so.
+        saved = await first.post("/admin/routing", {
+            "csrf": page.field("csrf"), "model": "gpt-test", "targets": "1", "action": "save",
+            "provider_0": "mock", "model_0": "mock-gpt", "weight_0": "7"})
+        assert saved.status == 303
+        deadline = time.monotonic() + 5
+        while "mock/mock-gpt=7.0" not in (audit := (await second.get("/admin/audit")).text):
+            assert time.monotonic() < deadline, "the change did not reach the other sidecar"
+            await asyncio.sleep(0.05)
+        assert "<td>sidecar " in audit and "<td>ops</td>" not in audit
+        assert "<td>ops</td>" in (await first.get("/admin/audit")).text
         assert (await second.post("/admin/logout", {"csrf": page.field("csrf")})).status == 303
         assert (await first.get("/admin/")).headers.get("Location") == "/admin/login"
 
