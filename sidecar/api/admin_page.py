@@ -116,7 +116,7 @@ def page(handler: PageHandler, *, changes: bool = False) -> Handler:
                 if visit is None:
                     raise Forbidden("There is no session: open the page (and log in) first.",
                                     code="no_session")
-                form = await request.post()
+                form = await access.form(request)
                 access.check_csrf(visit, form)
                 return secured(await handler(request, visit, form))
             if visit is not None:
@@ -195,7 +195,7 @@ async def _login(request: web.Request) -> web.StreamResponse:
     access = request.app[ADMIN_PAGE].access
     try:
         access.check_sender(request)
-        form = await request.post()
+        form = await access.form(request)
         access.check_login_nonce(request, form)
         session_id, _, ttl = await access.log_in(form.get("token"))
     except (Unauthorized, Forbidden) as exc:

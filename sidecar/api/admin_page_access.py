@@ -21,7 +21,7 @@ from aiohttp.web_request import FileField
 from multidict import MultiDictProxy
 
 from sidecar.api.middleware import BrowserCheck
-from sidecar.errors import BrowserRefused, InvalidRequest
+from sidecar.errors import BrowserRefused, InvalidRequest, UnsupportedMediaType
 from sidecar.security.jwt import Forbidden, Unauthorized, Verifier
 from sidecar.security.sessions import Session, SessionStore
 from sidecar.settings import Settings
@@ -81,8 +81,10 @@ class PageAccess:
         self.set_cookie(response, name, "", 0)
 
     async def visit(self, request: web.Request) -> Visit | None:
-        """The browser's live session, if it has one."""
-        self.check_sender(request)
+        """The browser's live session, if it has one. Reading a page changes nothing, and
+        another site cannot read the answer (no CORS), so only the Host is checked here (a
+        rebound DNS name could read it); a link from another site still opens the page."""
+        self._browsers.check_host(request)
         session_id = request.cookies.get(self.cookie, "")
         session = await self.sessions.get(session_id) if session_id else None
         return Visit(session_id, session) if session is not None else None
@@ -112,6 +114,14 @@ class PageAccess:
             return
         if origin.lower() != f"{request.scheme}://{headers.get(hdrs.HOST)}".lower():
             raise BrowserRefused(f"Requests from the origin `{origin[:100]}` are not accepted.")
+
+    async def form(self, request: web.Request) -> Form:
+        """A form's fields, as our pages send them: URL-encoded, never multipart (whose file
+        parts aiohttp would write to disk)."""
+        if request.content_type != "application/x-www-form-urlencoded":
+            raise UnsupportedMediaType(
+                "A form must be sent as application/x-www-form-urlencoded.")
+        return await request.post()
 
     def check_csrf(self, visit: Visit, form: Form) -> None:
         sent = form.get("csrf")

@@ -192,6 +192,26 @@ async def test_a_post_without_the_csrf_token_is_refused(secured: PageClient,
     assert await pair_weights(secured, admin_token(issuer)) == [5.0, 5.0]
 
 
+async def test_a_multipart_form_is_refused_unread(secured: PageClient, issuer: Issuer) -> None:
+    await secured.log_in(admin_token(issuer))
+    page = await secured.get("/admin/routing")
+    form = aiohttp.FormData({"csrf": page.field("csrf"), "scope": "all"})
+    form.add_field("upload", b"x" * 1024, filename="big.bin")
+    cookie = "; ".join(f"{k}={v}" for k, v in secured.cookies.items())
+    async with secured.http.post(secured.url + "/admin/cache", data=form,
+                                 headers={"Cookie": cookie}) as response:
+        assert response.status == 415
+
+
+async def test_a_link_from_another_site_opens_the_page(secured: PageClient,
+                                                        issuer: Issuer) -> None:
+    await secured.log_in(admin_token(issuer))
+    # Reading changes nothing: a navigation from another site is not refused (a browser
+    # would not send the SameSite=Strict cookie with it, and the page asks for a login).
+    opened = await secured.get("/admin/", Sec_Fetch_Site="cross-site")
+    assert opened.status == 200
+
+
 @pytest.mark.parametrize("headers", [
     {"Origin": "https://evil.example"},
     {"Origin": "null"},
