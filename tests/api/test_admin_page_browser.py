@@ -166,6 +166,24 @@ def test_log_in_and_read_the_overview(page: Browsing) -> None:
     page.shot("overview")
 
 
+def test_the_script_refreshes_the_numbers_in_place(page: Browsing) -> None:
+    page.open("/admin/")
+    page.driver.execute_script("window.notReloaded = true;")
+    row = "//tr[td[normalize-space()='mock/mock-gpt']][th[normalize-space()='gpt-test']]"
+    before = page.driver.find_element("xpath", row).text
+    client = page.chat()
+    for i in range(5):
+        client.chat.completions.create(model="gpt-test", messages=[
+            {"role": "user", "content": f"counted {i}"}])
+    deadline = time.monotonic() + 15  # the script refreshes every 5 s
+    while page.driver.find_element("xpath", row).text == before:
+        assert time.monotonic() < deadline, "the numbers were not refreshed"
+        time.sleep(0.25)
+    assert page.driver.execute_script("return window.notReloaded === true;")
+    assert "<polyline" in page.driver.page_source  # the sparkline, drawn by the server
+    page.shot("overview-refreshed")
+
+
 def test_a_weight_changed_on_the_page_steers_the_next_400_requests(
         page: Browsing, mock_upstream: MockUpstream, second_upstream: MockUpstream) -> None:
     page.open("/admin/routing")
