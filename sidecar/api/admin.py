@@ -48,7 +48,8 @@ async def show_cache(request: web.Request) -> web.Response:
 
 @routes.post("/admin/api/cache/flush")
 async def flush(request: web.Request) -> web.Response:
-    """Drop this process's kept answers: `{}` for all, `{"tenant": "..."}` for one tenant's."""
+    """Drop kept answers: `{}` for all (Redis's too), `{"tenant": "..."}` for one tenant's
+    (this process's). Answers `{"dropped": {"memory": N, "redis": N or null}}`."""
     body = await request.read()
     try:
         asked = orjson.loads(body) if body else {}

@@ -111,10 +111,12 @@ async def change_engine(app: web.Application, name: str, action: str, asked_mode
 MAX_TENANT_CHARS = 256
 
 
-async def flush_cache(app: web.Application, tenant: str | None, actor: Actor) -> int:
-    """Drop this process's kept answers: all of them, or one tenant's. Returns how many.
-    Answers kept in Redis are not listed by tenant there (their keys are HMACs); they
-    expire after cache.ttl_s."""
+async def flush_cache(app: web.Application, tenant: str | None, actor: Actor
+                      ) -> dict[str, int | None]:
+    """Drop kept answers: all of them (in this process and in Redis), or one tenant's (in
+    this process: Redis keys are HMACs that do not say whose they are, and such answers
+    expire after cache.ttl_s). Returns how many, per tier; None for Redis when it was not
+    flushed (a tenant, a cluster, or Redis failing)."""
     cache = app[CACHE]
     if cache is None:
         raise InvalidRequest("The cache is off (cache.enabled = false).", param="cache",
@@ -122,7 +124,10 @@ async def flush_cache(app: web.Application, tenant: str | None, actor: Actor) ->
     if tenant is not None and (not tenant or len(tenant) > MAX_TENANT_CHARS):
         raise InvalidRequest(f"`tenant` must be 1 to {MAX_TENANT_CHARS} characters.",
                              param="tenant")
-    dropped = cache.memory.drop(tenant)
-    app[AUDIT].record("cache flushed", actor, tenant or "every tenant", None,
-                      {"dropped": dropped}, tenant=tenant)
+    # Redis first: an answer dropped only here would come straight back from there.
+    shared = cache.shared
+    in_redis = await shared.drop_answers() if shared is not None and tenant is None else None
+    dropped: dict[str, int | None] = {"memory": cache.memory.drop(tenant), "redis": in_redis}
+    app[AUDIT].record("cache flushed", actor, tenant or "every tenant", None, dropped,
+                      tenant=tenant)
     return dropped

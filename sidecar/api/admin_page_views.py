@@ -139,8 +139,10 @@ async def change_engine_form(request: web.Request, visit: Visit, form: Form | No
 
 async def cache(request: web.Request, visit: Visit, form: Form | None,
                 *, error: str = "", status: int = 200) -> web.StreamResponse:
-    dropped = request.query.get("dropped", "")
-    notice = f"Flushed: {dropped} answers dropped." if dropped.isdigit() else ""
+    dropped, in_redis = request.query.get("dropped", ""), request.query.get("redis", "")
+    notice = f"Flushed: {dropped} answers dropped in this process" if dropped.isdigit() else ""
+    if notice:
+        notice += f", {in_redis} in Redis." if in_redis.isdigit() else "."
     seen = await admin_views.overview(request.app)
     return render(request, "cache.html", visit, status, title="Cache", view=seen,
                   enabled=request.app[CACHE] is not None, error=error, notice=notice)
@@ -156,7 +158,9 @@ async def flush(request: web.Request, visit: Visit, form: Form | None) -> web.St
         dropped = await flush_cache(request.app, tenant, _actor(request, visit))
     except SidecarError as exc:
         return await cache(request, visit, None, error=exc.message, status=exc.status)
-    return see_other(f"/admin/cache?dropped={dropped}")
+    in_redis = dropped["redis"]
+    return see_other(f"/admin/cache?dropped={dropped['memory']}"
+                     + (f"&redis={in_redis}" if in_redis is not None else ""))
 
 
 async def audit(request: web.Request, visit: Visit, form: Form | None) -> web.StreamResponse:

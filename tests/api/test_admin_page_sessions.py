@@ -1,7 +1,8 @@
 """Admin page sessions beyond one process and one scheme: a fleet on one real redis-server
 accepts a login made on any of its sidecars (and a logout on any ends it everywhere), Redis
-keeps only a hash of the id, and a weight saved on one page shows in the other's audit; over
-TLS the cookie is __Host- prefixed and Secure."""
+keeps only a hash of the id, a weight saved on one page shows in the other's audit, and a
+flush of every tenant's answers empties Redis of them; over TLS the cookie is __Host-
+prefixed and Secure."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiohttp
+import openai
 import pytest
 from aiohttp import web
 
@@ -84,6 +86,23 @@ secret_env = "SIDECAR_CACHE_SECRET"
             await asyncio.sleep(0.05)
         assert "<td>sidecar " in audit and "<td>ops</td>" not in audit
         assert "<td>ops</td>" in (await first.get("/admin/audit")).text
+        # Flushing every tenant's answers on one sidecar empties Redis of them too (else
+        # they would come straight back); sessions stay.
+        chat = openai.AsyncOpenAI(base_url=one + "/v1", api_key=issuer.token(), max_retries=0)
+        await chat.chat.completions.create(model="gpt-test", temperature=0, messages=[
+            {"role": "user", "content": "kept in redis"}])
+        await chat.close()
+        deadline = time.monotonic() + 5
+        while not [k for k in redis_server.stored() if len(k) == 3 + 64]:
+            assert time.monotonic() < deadline, "the answer was not stored in redis"
+            await asyncio.sleep(0.05)
+        page = await second.get("/admin/cache")
+        flushed = await second.post("/admin/cache", {"csrf": page.field("csrf"), "scope": "all"})
+        assert flushed.headers["Location"] == "/admin/cache?dropped=0&redis=1"
+        left = redis_server.stored()
+        assert not [k for k in left if len(k) == 3 + 64] and any("session:" in k for k in left)
+        shown = await second.get("/admin/cache?dropped=0&redis=1")
+        assert "0 answers dropped in this process, 1 in Redis." in shown.text
         assert (await second.post("/admin/logout", {"csrf": page.field("csrf")})).status == 303
         assert (await first.get("/admin/")).headers.get("Location") == "/admin/login"
 
