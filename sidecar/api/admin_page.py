@@ -51,6 +51,7 @@ def install(app: web.Application) -> None:
     aiohttp_jinja2.setup(app, loader=jinja2.DictLoader(templates), autoescape=True,
                          default_helpers=False, filters={"utc": _utc, "brief": brief})
     app.cleanup_ctx.append(_make_part(templates))
+    # Imported here: the pages' module uses this one's helpers (render, page, see_other).
     from sidecar.api import admin_page_views
 
     app.router.add_get("/admin", _to_overview)

@@ -16,6 +16,7 @@ from sidecar.api.admin_changes import configured_targets, local_backends
 from sidecar.api.metrics import window_stats
 from sidecar.appkeys import CACHE, GATEWAY, METRICS, REDIS
 from sidecar.observability.windows import SLOTS
+from sidecar.routing.table import Target
 
 # The sparkline's box, in SVG user units.
 SPARK_WIDTH = 120
@@ -28,7 +29,8 @@ class TargetView:
     model: str
     label: str
     weight: float
-    configured_weight: float | None
+    configured_weight: float | None  # None: the TOML has no such target
+    configured_fallback_only: bool
     fallback_only: bool
     state: str  # serving, resting, down, loading, unloaded
     why: str  # the reason of a rest or an engine's state, "" when serving
@@ -44,8 +46,9 @@ class TargetView:
 
     @property
     def differs(self) -> bool:
-        """The live weight is not the TOML's (changed from the page, the API or the fleet)."""
-        return self.configured_weight is None or self.configured_weight != self.weight
+        """The live target is not the TOML's (changed from the page, the API or the fleet)."""
+        return self.configured_weight != self.weight \
+            or self.configured_fallback_only != self.fallback_only
 
 
 @dataclass(slots=True)
@@ -122,53 +125,52 @@ def _routes(app: web.Application, rows: list[dict[str, Any]],
             lines: dict[tuple[str, str], str]) -> list[RouteView]:
     gateway = app[GATEWAY]
     routing = gateway.router.snapshot()
-    resting, reasons = routing["resting_targets_s"], routing["resting_reasons"]
-    down = routing["providers_down_s"]
-    engine_states = {name: info for name, info in engines(app).items()}
+    engine_states = engines(app)
     by_key = {(row["model"], row["target"]): row for row in rows}
     views = []
     for name in gateway.routes.names():
         route = gateway.routes.get(name)
         if route is None:
             continue
-        configured = {(t["provider"], t["model"]): float(t["weight"])
-                      for t in configured_targets(app, name)}
-        in_rotation = [t for t in route.targets if t.weight > 0 and not t.fallback_only]
-        live_total = sum(t.weight for t in in_rotation)
-        toml_total = sum(w for (p, m), w in configured.items()
-                         if not _fallback_only(app, name, p, m))
+        toml = {(t["provider"], t["model"]): t for t in configured_targets(app, name)}
+        live_total = sum(t.weight for t in route.targets if not t.fallback_only)
+        toml_total = sum(float(t["weight"]) for t in toml.values() if not t["fallback_only"])
         view = RouteView(name)
         for target in route.targets:
-            state, why = "serving", ""
-            if target.provider in engine_states:
-                engine = engine_states[target.provider]
-                if engine["state"] != "ready":
-                    state, why = engine["state"], engine.get("load_error") or ""
-            if target.provider in down:
-                state, why = "down", f"the probe got no answer ({down[target.provider]:.0f} s)"
-            if target.label in resting:
-                state = "resting"
-                why = f"{reasons.get(target.label, 'failed')} ({resting[target.label]:.0f} s)"
-            toml_weight = configured.get((target.provider, target.model))
+            state, why = _state(target, engine_states, routing)
+            in_toml = toml.get((target.provider, target.model), {})
+            toml_weight = float(in_toml["weight"]) if in_toml else None
+            toml_fallback = bool(in_toml.get("fallback_only"))
             row = by_key.get((name, target.label), {})
             view.targets.append(TargetView(
                 provider=target.provider, model=target.model, label=target.label,
                 weight=target.weight, configured_weight=toml_weight,
-                fallback_only=target.fallback_only, state=state, why=why,
-                in_flight=gateway.in_flight.get(target.label, 0),
+                configured_fallback_only=toml_fallback, fallback_only=target.fallback_only,
+                state=state, why=why, in_flight=gateway.in_flight.get(target.label, 0),
                 rate_per_s=row.get("rate_per_s"), p50_ms=row.get("p50_ms"),
                 p95_ms=row.get("p95_ms"), error_share=row.get("error_share"),
                 observed_share=row.get("traffic_share"),
-                configured_share=_share(toml_weight, toml_total, target.fallback_only),
+                configured_share=_share(toml_weight, toml_total, toml_fallback),
                 live_share=_share(target.weight, live_total, target.fallback_only),
                 sparkline=lines.get((name, target.label), "")))
         views.append(view)
     return views
 
 
-def _fallback_only(app: web.Application, model: str, provider: str, upstream: str) -> bool:
-    return any(t["fallback_only"] for t in configured_targets(app, model)
-               if t["provider"] == provider and t["model"] == upstream)
+def _state(target: Target, engine_states: dict[str, dict[str, Any]],
+           routing: dict[str, Any]) -> tuple[str, str]:
+    """serving, resting (why, for how long), down by the probe, or its engine's state."""
+    resting = routing["resting_targets_s"]
+    if target.label in resting:
+        reason = routing["resting_reasons"].get(target.label, "failed")
+        return "resting", f"{reason} ({resting[target.label]:.0f} s)"
+    down = routing["providers_down_s"]
+    if target.provider in down:
+        return "down", f"the probe got no answer ({down[target.provider]:.0f} s)"
+    engine = engine_states.get(target.provider)
+    if engine is not None and engine["state"] != "ready":
+        return str(engine["state"]), str(engine.get("load_error") or "")
+    return "serving", ""
 
 
 def _share(weight: float | None, total: float, fallback_only: bool) -> float | None:
