@@ -4,6 +4,7 @@ the error on the page, hostile names shown escaped, and no page handler blocking
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from collections.abc import AsyncIterator
@@ -375,3 +376,20 @@ async def test_the_json_api_flushes_one_tenants_answers(secured: PageClient,
     assert await flush({"tenant": "tenant-b"}) == (200, {"dropped": {"memory": 0, "redis": None}})
     assert await flush({"tenant": "tenant-a"}) == (200, {"dropped": {"memory": 1, "redis": None}})
     assert await flush({}) == (200, {"dropped": {"memory": 0, "redis": None}})
+
+
+async def test_a_session_ends_on_the_server_when_its_time_is_up(
+        mock_upstream: MockUpstream, issuer: Issuer, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MOCK_UPSTREAM_KEY", UPSTREAM_KEY)
+    settings = settings_for(mock_upstream, tmp_path, jwt_config(
+        f'public_key_file = "{issuer.public_path}"') + "\n[admin_page]\nsession_ttl_s = 1\n")
+    async with serving(create_app(settings)) as url, aiohttp.ClientSession(
+            cookie_jar=aiohttp.DummyCookieJar()) as http:
+        client = PageClient(http, url)
+        answer = await client.log_in(admin_token(issuer))
+        assert "Max-Age=1;" in next(c for c in answer.set_cookies if "sidecar_session=" in c)
+        assert (await client.get("/admin/")).status == 200
+        await asyncio.sleep(1.1)
+        # The browser would have dropped the cookie; a kept copy is refused all the same.
+        assert (await client.get("/admin/")).headers.get("Location") == "/admin/login"
