@@ -49,7 +49,9 @@ def install(app: web.Application) -> None:
     # The templates are read in a thread at start into this mapping: rendering never touches
     # the disk on the event loop.
     aiohttp_jinja2.setup(app, loader=jinja2.DictLoader(templates), autoescape=True,
-                         default_helpers=False, filters={"utc": _utc, "brief": brief})
+                         default_helpers=False, filters={"utc": _utc, "brief": brief},
+                         # A name a template misspells fails its test instead of showing blank.
+                         undefined=jinja2.StrictUndefined)
     app.cleanup_ctx.append(_make_part(templates))
     # Imported here: the pages' module uses this one's helpers (render, page, see_other).
     from sidecar.api import admin_page_views

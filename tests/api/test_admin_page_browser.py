@@ -237,6 +237,8 @@ def engine_action(page: Browsing, action: str, model: str = "") -> None:
     assert "/admin/engines/confirm" in page.driver.current_url
     page.shot(f"engine-confirm-{action}")
     page.submit(page.driver.find_element("id", "confirm"))  # once the change is done
+    errors = page.driver.find_elements("id", "error")
+    assert not errors, errors[0].text
     assert page.text("notice") == f"{action.capitalize()} done."
 
 
