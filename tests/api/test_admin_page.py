@@ -393,3 +393,20 @@ async def test_a_session_ends_on_the_server_when_its_time_is_up(
         await asyncio.sleep(1.1)
         # The browser would have dropped the cookie; a kept copy is refused all the same.
         assert (await client.get("/admin/")).headers.get("Location") == "/admin/login"
+
+
+@pytest.mark.parametrize(("extra", "status", "shown"), [
+    ("\n[metrics]\nenabled = false\n", 200, "Metrics are off"),
+    ("\n[admin_page]\nenabled = false\n", 404, "Unknown request URL"),
+])
+async def test_the_page_without_metrics_or_turned_off(
+        mock_upstream: MockUpstream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        extra: str, status: int, shown: str) -> None:
+    monkeypatch.setenv("MOCK_UPSTREAM_KEY", UPSTREAM_KEY)
+    async with serving(create_app(settings_for(mock_upstream, tmp_path, extra))) as url, \
+            aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http:
+        client = PageClient(http, url)
+        answer = await client.get("/admin/")
+        assert answer.status == status and shown in answer.text
+        # The JSON admin API is there either way.
+        assert (await pair_weights(client)) == [1.0, 3.0]
