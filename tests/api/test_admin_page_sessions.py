@@ -143,3 +143,29 @@ async def test_over_tls_the_cookie_is_host_prefixed_and_secure(
         assert {"secure", "httponly", "path=/", "samesite=strict"} <= parts
         assert not any(p.startswith("domain") for p in parts)
         assert (await client.get("/admin/")).status == 200
+
+
+async def test_with_redis_away_a_login_is_refused_not_kept_elsewhere(
+        mock_upstream: MockUpstream, issuer: Issuer, redis_server: RedisServer,
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MOCK_UPSTREAM_KEY", UPSTREAM_KEY)
+    monkeypatch.setenv("SIDECAR_CACHE_SECRET", SECRET)
+    text = base_config(mock_upstream, extra=f"""
+[cache]
+enabled = true
+redis_url = "{redis_server.url}"
+secret_env = "SIDECAR_CACHE_SECRET"
+timeout_ms = 100
+""") + jwt_config(f'public_key_file = "{issuer.public_path}"')
+    async with serving(create_app(load(text, tmp_path / "c.toml"))) as url, \
+            aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http:
+        client = PageClient(http, url)
+        form = await client.get("/admin/login")
+        redis_server.pause()
+        try:
+            answer = await client.post("/admin/login", {
+                "token": issuer.token(scope="sidecar:admin"), "nonce": form.field("nonce")})
+        finally:
+            redis_server.resume()
+        assert answer.status == 503 and "session_store_unavailable" in answer.text
+        assert "sidecar_session" not in client.cookies
