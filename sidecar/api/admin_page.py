@@ -6,6 +6,7 @@ sidecar/api/admin_changes.py, as the JSON admin API's do."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -26,6 +27,7 @@ from sidecar.errors import RouteNotFound, SidecarError
 from sidecar.security.jwt import Forbidden, Unauthorized
 from sidecar.security.sessions import SessionStore
 
+log = logging.getLogger("sidecar.audit")
 # web/ sits beside the package in the repository: templates/ and static/.
 WEB_DIR = Path(__file__).resolve().parent.parent.parent / "web"
 STATIC_TYPES = {".css": "text/css", ".js": "text/javascript"}
@@ -200,14 +202,19 @@ async def _login(request: web.Request) -> web.StreamResponse:
         access.check_sender(request)
         form = await access.form(request)
         access.check_login_nonce(request, form)
-        session_id, _, ttl = await access.log_in(form.get("token"))
+        session_id, session, ttl = await access.log_in(form.get("token"))
     except (Unauthorized, Forbidden) as exc:
+        # Why, and from where; never the token.
+        log.warning("admin page login refused", extra={"fields": {
+            "remote": request.remote, "reason": exc.code or exc.type}})
         if exc.code == "csrf_failed":
             return secured(error_response(exc))
         # A token that does not verify, or lacks the scope: the form again, with why.
         return secured(_login_page(request, exc.message, exc.status))
     except SidecarError as exc:
         return secured(error_response(exc))
+    log.info("admin page login", extra={"fields": {
+        "who": session.who, "remote": request.remote, "session_s": ttl}})
     response = see_other("/admin/")
     access.set_cookie(response, access.cookie, session_id, ttl)
     access.clear_cookie(response, access.login_cookie)

@@ -5,6 +5,7 @@ the error on the page, hostile names shown escaped, and no page handler blocking
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 from collections.abc import AsyncIterator
@@ -125,12 +126,18 @@ async def test_cookie_attributes(secured: PageClient, issuer: Issuer) -> None:
     assert len(session_id) == 43  # 32 random bytes, url-safe base64
 
 
-async def test_a_chat_scope_token_cannot_log_in(secured: PageClient, issuer: Issuer) -> None:
-    answer = await secured.log_in(issuer.token(scope="sidecar:chat"))
+async def test_a_chat_scope_token_cannot_log_in(secured: PageClient, issuer: Issuer,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    token = issuer.token(scope="sidecar:chat")
+    with caplog.at_level(logging.INFO, logger="sidecar.audit"):
+        answer = await secured.log_in(token)
     assert answer.status == 403
-    assert "sidecar:admin" in answer.text
+    assert "sidecar:admin" in answer.text and token not in answer.text
     assert "sidecar_session" not in secured.cookies
     assert (await secured.get("/admin/")).status == 303
+    refused = [r for r in caplog.records if r.getMessage() == "admin page login refused"]
+    assert len(refused) == 1 and refused[0].fields["reason"] == "insufficient_scope"
+    assert all(token not in str(vars(r)) for r in caplog.records)
 
 
 async def test_a_forged_or_missing_token_cannot_log_in(secured: PageClient,
