@@ -14,9 +14,10 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from sidecar.api import admin, admin_engines, health, metrics, openai
+from sidecar.api import admin, admin_engines, admin_page, health, metrics, openai
 from sidecar.api.middleware import Guard, make_middleware
 from sidecar.appkeys import (
+    AUDIT,
     BACKENDS,
     CACHE,
     CACHE_SECRET,
@@ -42,6 +43,7 @@ from sidecar.cache.response_cache import ResponseCache
 from sidecar.config import metrics_listener
 from sidecar.engines.factory import make_engine
 from sidecar.gateway import Gateway, Readiness
+from sidecar.observability.audit import AuditTrail
 from sidecar.observability.logging import AccessLog, LineWriter
 from sidecar.observability.metrics import Metrics
 from sidecar.routing.router import Router
@@ -72,6 +74,7 @@ def create_app(settings: Settings, log_writer: LineWriter | None = None) -> web.
     app[VERIFIER] = verifier
     app[LIMITER] = limiter
     app[METRICS] = counted
+    app[AUDIT] = AuditTrail()
     app.cleanup_ctx.append(_http_session)
     app.cleanup_ctx.append(_auth_keys)
     app.cleanup_ctx.append(_redis)
@@ -94,6 +97,7 @@ def create_app(settings: Settings, log_writer: LineWriter | None = None) -> web.
     app.add_routes(admin_engines.routes)
     app.add_routes(health.routes)
     app.add_routes(metrics.routes)
+    admin_page.install(app)
     if counted is not None and not settings.metrics.listen:
         app.router.add_get(settings.metrics.path, metrics.scrape_handler(app))
     return app
@@ -208,7 +212,7 @@ async def _route_sync(app: web.Application) -> AsyncIterator[None]:
         return
     sync = app[ROUTE_SYNC] = RouteSync(settings.cache.redis_url, app[GATEWAY].routes,
                                        app[ROUTE_STATE], settings.cache.timeout_ms / 1000,
-                                       app[CACHE_SECRET])
+                                       app[CACHE_SECRET], app[AUDIT])
     try:
         async with _running(sync.run(), "route-sync"):
             yield

@@ -249,6 +249,15 @@ class MetricsSettings(Struct, kw_only=True, forbid_unknown_fields=True):
     listen: str = ""
 
 
+class AdminPageSettings(Struct, kw_only=True, forbid_unknown_fields=True):
+    # The admin page under /admin/ (the JSON admin API under /admin/api/ is always there).
+    enabled: bool = True
+    # How long a login lasts: at most this, and never past the token's own expiry (8 h at most).
+    session_ttl_s: Annotated[float, Meta(gt=0, le=28_800)] = 28_800.0
+    # Sessions kept in this process when there is no Redis; the oldest go first.
+    max_sessions: Annotated[int, Meta(ge=1, le=100_000)] = 1000
+
+
 class Settings(Struct, kw_only=True, forbid_unknown_fields=True):
     server: ServerSettings = msgspec.field(default_factory=ServerSettings)
     providers: dict[str, AnyProvider] = {}
@@ -259,6 +268,7 @@ class Settings(Struct, kw_only=True, forbid_unknown_fields=True):
     routing: RoutingSettings = msgspec.field(default_factory=RoutingSettings)
     cache: CacheSettings = msgspec.field(default_factory=CacheSettings)
     metrics: MetricsSettings = msgspec.field(default_factory=MetricsSettings)
+    admin_page: AdminPageSettings = msgspec.field(default_factory=AdminPageSettings)
     # Filled in by load(): never read from the file.
     source: str = "<memory>"
     api_keys: dict[str, Secret] = {}
