@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import ssl
 import sys
@@ -275,8 +276,11 @@ def _serve(args: argparse.Namespace) -> int:
     from sidecar.engines.errors import EngineUnusable
     from sidecar.server import run
 
+    path = args.config or config.default_config_path()
     try:
-        run(settings, writer)
+        # SIGHUP reads the file again with the same command-line overrides.
+        run(settings, writer, functools.partial(config.load, path, host=args.host,
+                                                port=args.port))
     except EngineUnusable as exc:
         writer.close()
         print(f"sidecar: cannot start: {exc}", file=sys.stderr)

@@ -162,6 +162,8 @@ def _check_server(settings: Settings) -> None:
     except (OSError, UnicodeError) as exc:
         raise ConfigError(f"{src}: `server.host`: cannot resolve {server.host!r}: "
                           f"{getattr(exc, 'strerror', None) or exc}") from None
+    if server.shutdown_timeout_s is not None:
+        server.drain_timeout_s = server.shutdown_timeout_s
     if bool(server.tls_cert) != bool(server.tls_key):
         raise ConfigError(f"{src}: `server.tls_cert` and `server.tls_key` must be set together")
     if server.tls_client_ca and not server.tls_cert:

@@ -1,5 +1,6 @@
-"""Signals: SIGHUP never stops the process; SIGTERM says not ready at once, lets requests in flight
-finish for shutdown_timeout_s (once), then ends those still running with an answer."""
+"""Signals: SIGHUP never stops the process (it reloads the config: tests/test_reload.py);
+SIGTERM says not ready at once, lets requests in flight finish for drain_timeout_s (once), then
+ends those still running with an answer."""
 
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ from tests.support.upstream_mock import MockUpstream
 USER = [{"role": "user", "content": "x"}]
 
 
-def draining_config(upstream: MockUpstream, shutdown_timeout_s: float) -> str:
+def draining_config(upstream: MockUpstream, drain_timeout_s: float) -> str:
     return (base_config(upstream)
-            .replace("shutdown_timeout_s = 5", f"shutdown_timeout_s = {shutdown_timeout_s}")
+            .replace("drain_timeout_s = 5", f"drain_timeout_s = {drain_timeout_s}")
             .replace("timeout_read_s = 1.5", "timeout_read_s = 30"))
 
 
@@ -61,11 +62,11 @@ def long_stream(chunks: int = 80) -> dict[str, object]:
             "mock": {"chunks": chunks, "chunk_delay": 0.1}}
 
 
-def test_sighup_without_tls_is_noted_and_the_sidecar_keeps_serving(
+def test_sighup_reloads_the_config_and_the_sidecar_keeps_serving(
         sidecar_factory: Callable[..., Sidecar]) -> None:
     sidecar = sidecar_factory()
     sidecar.process.send_signal(signal.SIGHUP)
-    assert sidecar.wait_for_log("SIGHUP received")
+    assert sidecar.wait_for_log('"msg":"config reloaded"')
     assert sidecar.process.poll() is None
     reply = httpx.post(sidecar.base_url + "/chat/completions",
                        json={"model": "gpt-test", "messages": USER})
@@ -88,7 +89,7 @@ def test_readyz_says_503_as_soon_as_sigterm_arrives(
     assert sidecar.process.wait(10) == 0
 
 
-def test_a_stream_still_open_is_ended_after_shutdown_timeout_once_not_twice(
+def test_a_stream_still_open_is_ended_after_the_drain_timeout_once_not_twice(
         sidecar_factory: Callable[..., Sidecar], upstream: MockUpstream) -> None:
     sidecar = sidecar_factory(draining_config(upstream, 2))
     call, thread = in_background(sidecar, long_stream())
@@ -96,7 +97,7 @@ def test_a_stream_still_open_is_ended_after_shutdown_timeout_once_not_twice(
     sent = time.monotonic()
     sidecar.process.send_signal(signal.SIGTERM)
     thread.join(15)
-    # aiohttp alone waits shutdown_timeout_s for the handler, then as long again.
+    # aiohttp alone waits the drain timeout for the handler, then as long again.
     assert 1.8 < call.ended_at - sent < 3.3
     assert not call.raw.endswith(b"data: [DONE]\n\n")
     assert sidecar.process.wait(10) == 0
