@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 import msgspec
 import msgspec.inspect
 
+from sidecar.config_paths import resolve_relative
 from sidecar.settings import (
     AnyProvider,
     ModelSettings,
@@ -39,7 +40,8 @@ def default_config_path() -> str:
 
 def load(path: str | os.PathLike[str], *, host: str | None = None,
          port: int | None = None) -> Settings:
-    """Read, validate and resolve a config file. Raises ConfigError with a readable message.
+    """Read, validate and resolve a config file (relative paths in it are relative to its
+    directory). Raises ConfigError with a readable message.
 
     `host` and `port` (the command line's) replace server.host and server.port before any
     check, so every way of choosing the address meets the same checks."""
@@ -57,6 +59,7 @@ def load(path: str | os.PathLike[str], *, host: str | None = None,
         if not isinstance(server, dict):
             raise ConfigError(f"{source}: `server`: expected a table")
         server.update({k: v for k, v in (("host", host), ("port", port)) if v is not None})
+    resolve_relative(data, Path(os.path.abspath(path)).parent)
     return from_mapping(data, source=source)
 
 

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import httpx
+import openai
 
 from tests.support.sidecar import Sidecar, base_config
 from tests.support.upstream_mock import MockUpstream
@@ -135,3 +136,49 @@ def upstream_received(upstream: MockUpstream, timeout: float = 10) -> bool:
             return False
         time.sleep(0.02)
     return True
+
+
+def test_fifty_streams_open_at_sigterm_finish_or_end_with_an_error_event_past_the_drain(
+        sidecar_factory: Callable[..., Sidecar], upstream: MockUpstream) -> None:
+    """Half the streams end within the drain and get every word and [DONE]; the other half
+    outlast it and get the shutting-down error event; /readyz says 503 all along; exit 0."""
+    sidecar = sidecar_factory(draining_config(upstream, 3))
+    outcomes: dict[int, str] = {}
+    words: dict[int, int] = {}
+    started = threading.Barrier(51, timeout=30)
+
+    def stream(n: int) -> None:
+        chunks = 10 if n % 2 else 100  # 1 s, or 10 s at 0.1 s a chunk
+        client = sidecar.client(timeout=30)
+        count = 0
+        try:
+            for chunk in client.chat.completions.create(
+                    model="gpt-test", messages=USER, stream=True,  # type: ignore[arg-type]
+                    extra_body={"mock": {"chunks": chunks, "chunk_delay": 0.1}}):
+                if chunk.choices and chunk.choices[0].delta.content:
+                    count += 1
+                    if count == 1:
+                        started.wait()
+            outcomes[n] = "complete"
+        except openai.APIError as exc:
+            outcomes[n] = str(getattr(exc, "code", None) or exc.message)
+        finally:
+            words[n] = count
+
+    threads = [threading.Thread(target=stream, args=(n,)) for n in range(50)]
+    for thread in threads:
+        thread.start()
+    started.wait()  # every stream has its first word
+    sent = time.monotonic()
+    sidecar.process.send_signal(signal.SIGTERM)
+    assert sidecar.wait_for_log("stopping: draining")
+    ready = httpx.get(sidecar.url + "/readyz")
+    assert ready.status_code == 503 and ready.json()["reason"] == "draining"
+    for thread in threads:
+        thread.join(20)
+    assert sidecar.process.wait(10) == 0
+    assert time.monotonic() - sent < 3 + 3  # the drain, then a second to close
+    assert [outcomes[n] for n in range(1, 50, 2)] == ["complete"] * 25
+    assert [words[n] for n in range(1, 50, 2)] == [10] * 25
+    assert [outcomes[n] for n in range(0, 50, 2)] == ["server_shutting_down"] * 25
+    assert sidecar.wait_for_log('"requests":25')  # "ending requests still in flight"
