@@ -1,4 +1,5 @@
-"""The `sidecar` command: serve, check-config, routes, token, gen-key, gen-cert."""
+"""The `sidecar` command: serve, check-config, routes, token, gen-key, gen-cert,
+install-service."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from sidecar import __version__, config
+from sidecar import __version__, config, install
 from sidecar.observability import logging as slog
 from sidecar.settings import AnyProvider, AuthSettings, LocalProviderSettings, Settings
 
@@ -77,9 +78,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                           help="comma-separated names and addresses of the server")
     gen_cert.add_argument("--days", type=int, default=365)
 
+    install.add_arguments(commands.add_parser(
+        "install-service", help="make a virtual environment in its final place, install the "
+        "package into it, write the systemd unit and the config directory"))
+
     args = parser.parse_args(argv)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "install-service":
+        return install.run(args)
     if args.command == "token":
         return _token(args)
     if args.command == "routes":
