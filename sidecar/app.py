@@ -44,13 +44,11 @@ from sidecar.cache.response_cache import ResponseCache
 from sidecar.gateway import Gateway
 from sidecar.lineage import Lineage
 from sidecar.observability.logging import AccessLog, LineWriter
-from sidecar.observability.metrics import Metrics
 from sidecar.routing.router import Router
 from sidecar.routing.shared import RouteSync
 from sidecar.routing.state import RouteState
 from sidecar.routing.table import RouteTable
 from sidecar.security.jwt import JwksFetcher, Verifier, load_static_keys
-from sidecar.security.limits import Limiter
 from sidecar.settings import AnthropicProviderSettings, LocalProviderSettings, Settings
 
 log = logging.getLogger("sidecar")
@@ -63,8 +61,8 @@ def create_app(settings: Settings, log_writer: LineWriter | None = None,
     lineage = lineage or Lineage()
     access_log = AccessLog(log_writer if settings.logging.requests else None)
     verifier = Verifier(settings.auth) if settings.auth.mode == "jwt" else None
-    limiter = Limiter(settings.limits)
-    counted = Metrics(settings) if settings.metrics.enabled else None
+    limiter = lineage.limiter(settings)
+    counted = lineage.metrics(settings)
     app = web.Application(
         middlewares=[make_middleware(access_log, Guard(verifier, settings.auth, limiter),
                                      counted)],

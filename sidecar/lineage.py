@@ -1,8 +1,9 @@
 """What outlives one build of the application. A config reload builds a new application beside
 the running one (sidecar/reload.py); these parts pass from one build to the next instead of
 being built again: the readiness the health checks report, the process's own cache-key secret,
-and the local engines, which are kept (model loaded, jobs running) as long as their provider's
-settings stay the same."""
+the local engines, which are kept (model loaded, jobs running) as long as their provider's
+settings stay the same, and the request limits' counts and the metrics, kept as long as what
+they are counted by stays the same."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from dataclasses import dataclass, field
 from sidecar.engines.factory import make_engine
 from sidecar.engines.worker import ThreadedEngine
 from sidecar.gateway import Readiness
-from sidecar.settings import LocalProviderSettings
+from sidecar.observability.metrics import Metrics
+from sidecar.security.limits import Limiter
+from sidecar.settings import LocalProviderSettings, Settings
 
 
 @dataclass(slots=True)
@@ -79,3 +82,30 @@ class Lineage:
     # process's own, the same across reloads so kept answers stay reachable.
     process_secret: bytes = field(default_factory=lambda: os.urandom(32))
     engines: Engines = field(default_factory=Engines)
+    _limiter: Limiter | None = None
+    _limiter_redis: str = ""
+    _metrics: Metrics | None = None
+
+    def limiter(self, settings: Settings) -> Limiter:
+        """The running limiter (its per-tenant counts and requests in flight) while
+        [limits] and the Redis it shares them on are unchanged; otherwise a new one."""
+        running = self._limiter
+        if running is None or running.settings != settings.limits or \
+                self._limiter_redis != settings.cache.redis_url:
+            running = self._limiter = Limiter(settings.limits)
+            self._limiter_redis = settings.cache.redis_url
+        return running
+
+    def metrics(self, settings: Settings) -> Metrics | None:
+        """The running metrics (counters, histograms, the stats' windows) while the models,
+        targets and certificate they are labelled by are unchanged; otherwise new ones, as
+        after a restart. None with metrics off."""
+        if not settings.metrics.enabled:
+            self._metrics = None
+            return None
+        fresh = Metrics(settings)
+        running = self._metrics
+        if running is None or (running.models, running.targets, running.tls_cert) != (
+                fresh.models, fresh.targets, fresh.tls_cert):
+            running = self._metrics = fresh
+        return running

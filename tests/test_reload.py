@@ -4,12 +4,14 @@ files are read again; live weights stay; systemd hears RELOADING then READY."""
 
 from __future__ import annotations
 
+import re
 import signal
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 
 from tests.backends.test_local import local_config, wait_ready
@@ -222,5 +224,35 @@ def test_a_local_engine_is_kept_while_its_settings_stay_and_replaced_when_they_c
         wait_ready(sidecar)
         engines = httpx.get(sidecar.url + "/admin/api/engines").json()["engines"]
         assert engines["local"]["max_queue"] == 2, engines
+    finally:
+        assert sidecar.stop() == 0
+
+
+def requests_counted(sidecar: Sidecar) -> float:
+    text = httpx.get(sidecar.url + "/metrics").text
+    return sum(float(m[1]) for m in re.finditer(
+        r'^llm_sidecar_requests_total\{[^}]*model="gpt-test"[^}]*\} (\S+)$', text, re.M))
+
+
+def test_limits_and_metrics_keep_counting_through_a_reload_that_leaves_them_alone(
+        upstream: MockUpstream, second_upstream: MockUpstream, key_file: Path,
+        tmp_path: Path) -> None:
+    limits = "\n[limits]\nrequests_per_minute = 3\n"
+    config = two_provider_config(upstream, second_upstream, "first", key_file, limits)
+    sidecar = start_sidecar(config, tmp_path / "s")
+    try:
+        for _ in range(2):
+            target_of(sidecar)
+        assert requests_counted(sidecar) == 2
+        rewrite(sidecar, config.replace("timeout_read_s = 30", "timeout_read_s = 31"))
+        reload(sidecar)
+        target_of(sidecar)  # the third of the minute
+        assert requests_counted(sidecar) == 3  # not 1: the counters went on
+        with pytest.raises(openai.RateLimitError):
+            target_of(sidecar)  # the fourth: the tenant's minute did not start again
+        # New limits are new counts.
+        rewrite(sidecar, config.replace("requests_per_minute = 3", "requests_per_minute = 5"))
+        reload(sidecar)
+        assert target_of(sidecar) == "first/upstream-model"
     finally:
         assert sidecar.stop() == 0
