@@ -22,6 +22,7 @@ from sidecar.settings import LocalProviderSettings, Settings
 
 @dataclass(slots=True)
 class _Held:
+    provider: str
     settings: LocalProviderSettings
     engine: ThreadedEngine
     users: int = 0
@@ -37,17 +38,16 @@ class Engines:
     it is in); an engine closes when the last build using it lets it go."""
 
     def __init__(self) -> None:
-        self._latest: dict[str, _Held] = {}  # provider name -> the engine new builds get
         self._held: dict[int, _Held] = {}  # id(engine) -> its holding
 
     async def acquire(self, provider: str, settings: LocalProviderSettings) -> ThreadedEngine:
-        held = self._latest.get(provider)
-        if held is not None and held.settings == settings:
-            held.users += 1
-            return held.engine
+        for held in self._held.values():
+            if held.provider == provider and held.settings == settings:
+                held.users += 1
+                return held.engine
         # Imports torch and checks the machine: not on the event loop.
         engine = await asyncio.to_thread(make_engine, settings)
-        held = self._latest[provider] = self._held[id(engine)] = _Held(settings, engine, 1)
+        held = self._held[id(engine)] = _Held(provider, settings, engine, 1)
         held.loading = asyncio.create_task(_load(engine, settings.model),
                                            name=f"load-{provider}")
         return engine
@@ -60,9 +60,6 @@ class Engines:
         if held.users > 0:
             return
         del self._held[id(engine)]
-        for name, latest in list(self._latest.items()):
-            if latest is held:
-                del self._latest[name]
         if held.loading is not None:
             held.loading.cancel()
             with contextlib.suppress(asyncio.CancelledError):

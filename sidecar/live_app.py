@@ -45,7 +45,10 @@ class LiveApp:
 
     def __init__(self) -> None:
         self._current: AppBuild | None = None
+        # Builds waiting for their requests to end, and every retiring task (one that is past
+        # its wait is tearing its build down).
         self._retiring: dict[AppBuild, asyncio.Task[None]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
 
     @property
     def app(self) -> web.Application:
@@ -72,8 +75,10 @@ class LiveApp:
         the requests it is serving now, have all ended."""
         old, self._current = self._current, build
         if old is not None:
-            self._retiring[old] = asyncio.create_task(self._retire(old, set(in_flight)),
-                                                      name="retire-app")
+            task = self._retiring[old] = asyncio.create_task(
+                self._retire(old, set(in_flight)), name="retire-app")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     async def _retire(self, build: AppBuild, requests: set[asyncio.Task[Any]]) -> None:
         # No cap of our own: cutting a stream here would be the reload's doing. Streams end by
@@ -95,9 +100,12 @@ class LiveApp:
     async def close(self) -> None:
         """Tear down every build, the retiring ones first (their requests are over: the server
         drained them)."""
-        for build, task in list(self._retiring.items()):
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        waiting = list(self._retiring)
+        for build in waiting:
+            self._retiring[build].cancel()
+        # Those past their wait finish tearing down; the others stop waiting.
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for build in waiting:
             if self._retiring.pop(build, None) is not None:
                 await build.cleanup()
         if self._current is not None:

@@ -109,12 +109,16 @@ class Reloads:
         self._log_writer = log_writer
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
 
     def serving(self) -> str:
         return f"serving {len(self._live.app[SETTINGS].models)} models on {self.address}"
 
     def hangup(self) -> None:
         """The signal handler: start a reload (after the one running, if any)."""
+        if self._closed:  # stopping: the drain is under way
+            log.info("SIGHUP while stopping: no reload")
+            return
         task = asyncio.create_task(self._reload(), name="reload")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -135,7 +139,8 @@ class Reloads:
                 self._notifier.ready(status)
 
     async def close(self) -> None:
-        """Stop a reload under way (what it built is torn down again)."""
+        """Stop a reload under way (what it built is torn down again), and take no more."""
+        self._closed = True
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
