@@ -21,7 +21,7 @@ from sidecar.errors import SHUTTING_DOWN
 from sidecar.live_app import LiveApp, metrics_listening
 from sidecar.observability.logging import LineWriter
 from sidecar.reload import Reloads
-from sidecar.security.connections import EdgeRunner, InFlight, c_parser_in_use
+from sidecar.security.connections import EdgeRunner, c_parser_in_use
 from sidecar.security.tls import server_context
 from sidecar.service import Notifier, announce_ready, watchdog
 from sidecar.settings import Settings
@@ -30,6 +30,8 @@ log = logging.getLogger("sidecar")
 # After the drain: how long requests just ended get to write their last words, and idle
 # keep-alive connections to close. Small, so a stop takes drain_timeout_s and little more.
 CLOSE_S = 1.0
+# After SIGTERM, connections are still accepted this long (or the drain, if shorter).
+ACCEPT_WHILE_DRAINING_S = 2.0
 
 
 async def serve(settings: Settings, log_writer: LineWriter | None = None,
@@ -94,7 +96,7 @@ async def serve(settings: Settings, log_writer: LineWriter | None = None,
             await stop.wait()
             notifier.stopping(f"draining {len(runner.in_flight.tasks)} requests")
             await reloads.close()
-            await _drain(live.app, runner.in_flight, server.drain_timeout_s)
+            await _drain(live.app, runner, server.drain_timeout_s)
     finally:
         for task in tasks:
             task.cancel()
@@ -133,13 +135,24 @@ async def _listen(runner: web.BaseRunner, settings: Settings, tls: ssl.SSLContex
             port = runner.addresses[0][1]
 
 
-async def _drain(app: web.Application, in_flight: InFlight, grace_s: float) -> None:
-    """Say not ready at once, let requests in flight finish for `grace_s` (once), then end
-    those still running with a reason: a stream ends with an error event, not a silent cut."""
+async def _drain(app: web.Application, runner: EdgeRunner, grace_s: float) -> None:
+    """Say not ready at once, stop accepting connections after a short while, let requests in
+    flight finish for `grace_s` (once), then end those still running with a reason: a stream
+    ends with an error event, not a silent cut."""
     app[READINESS].draining = True
+    in_flight = runner.in_flight
     log.info("stopping: draining requests in flight",
              extra={"fields": {"in_flight": len(in_flight.tasks), "timeout_s": grace_s}})
-    if await in_flight.wait_idle(grace_s):
+    # New connections are still taken for a moment: a load balancer that has not yet seen
+    # /readyz say 503 gets an answer rather than a refused connection.
+    accepting_s = min(ACCEPT_WHILE_DRAINING_S, grace_s)
+    if await in_flight.wait_idle(accepting_s):
+        return
+    for site in list(runner.sites):
+        await site.stop()  # the listening sockets close; open connections stay
+    log.info("stopping: no longer accepting connections",
+             extra={"fields": {"in_flight": len(in_flight.tasks)}})
+    if await in_flight.wait_idle(grace_s - accepting_s):
         return
     left = in_flight.cancel(SHUTTING_DOWN)
     log.warning("stopping: ending requests still in flight after the drain",

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import httpx
 import openai
+import pytest
 
 from tests.support.sidecar import Sidecar, base_config
 from tests.support.upstream_mock import MockUpstream
@@ -182,3 +183,24 @@ def test_fifty_streams_open_at_sigterm_finish_or_end_with_an_error_event_past_th
     assert [words[n] for n in range(1, 50, 2)] == [10] * 25
     assert [outcomes[n] for n in range(0, 50, 2)] == ["server_shutting_down"] * 25
     assert sidecar.wait_for_log('"requests":25')  # "ending requests still in flight"
+
+
+def test_new_connections_are_refused_after_a_short_grace_while_streams_go_on(
+        sidecar_factory: Callable[..., Sidecar], upstream: MockUpstream) -> None:
+    sidecar = sidecar_factory(draining_config(upstream, 5))
+    call, thread = in_background(sidecar, long_stream())
+    assert call.started.wait(10) and not call.error
+    sent = time.monotonic()
+    sidecar.process.send_signal(signal.SIGTERM)
+    assert sidecar.wait_for_log("stopping: draining")
+    assert httpx.get(sidecar.url + "/readyz").status_code == 503  # still accepted: 503
+    assert sidecar.wait_for_log("no longer accepting connections", timeout=5)
+    assert time.monotonic() - sent > 1.8
+    received = len(call.raw)
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(sidecar.url + "/readyz")
+    time.sleep(0.5)
+    assert len(call.raw) > received  # the open stream goes on
+    thread.join(15)
+    assert b'"code":"server_shutting_down"' in call.raw
+    assert sidecar.process.wait(10) == 0
