@@ -224,6 +224,9 @@ def test_a_local_engine_is_kept_while_its_settings_stay_and_replaced_when_they_c
         wait_ready(sidecar)
         engines = httpx.get(sidecar.url + "/admin/api/engines").json()["engines"]
         assert engines["local"]["max_queue"] == 2, engines
+        # The engine it replaced had no request left: it is unloaded, once.
+        assert sidecar.wait_for_log('"msg":"local model unloaded"', timeout=10)
+        assert sidecar.logs().count('"msg":"local model unloaded"') == 1
     finally:
         assert sidecar.stop() == 0
 
