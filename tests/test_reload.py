@@ -259,3 +259,33 @@ def test_limits_and_metrics_keep_counting_through_a_reload_that_leaves_them_alon
         assert target_of(sidecar) == "first/upstream-model"
     finally:
         assert sidecar.stop() == 0
+
+
+def test_requests_arriving_during_reloads_all_get_answers(
+        upstream: MockUpstream, second_upstream: MockUpstream, key_file: Path,
+        tmp_path: Path) -> None:
+    sidecar = start_sidecar(two_provider_config(upstream, second_upstream, "first", key_file),
+                            tmp_path / "s")
+    statuses: list[int] = []
+    done = threading.Event()
+
+    def keep_asking() -> None:
+        with httpx.Client() as client:
+            while not done.is_set():
+                statuses.append(client.post(sidecar.base_url + "/chat/completions", json={
+                    "model": "other", "messages": USER}).status_code)
+
+    askers = [threading.Thread(target=keep_asking) for _ in range(4)]
+    try:
+        for asker in askers:
+            asker.start()
+        for count in range(1, 11):
+            reload(sidecar)
+            assert sidecar.logs().count('"msg":"config reloaded"') == count
+    finally:
+        done.set()
+        for asker in askers:
+            asker.join(10)
+        assert sidecar.stop() == 0
+    assert len(statuses) > 40
+    assert set(statuses) == {200}
