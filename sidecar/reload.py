@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sidecar.app import create_app
-from sidecar.appkeys import LINEAGE, SETTINGS
+from sidecar.appkeys import LINEAGE, SETTINGS, VERIFIER
 from sidecar.config import ConfigError
 from sidecar.live_app import LiveApp
 from sidecar.observability.logging import LineWriter
@@ -72,6 +72,13 @@ async def swap_configuration(live: LiveApp, reread: Callable[[], Settings],
         build = await live.start_beside(app)
     except Exception as exc:  # noqa: BLE001 - whatever a part raised, the running config stays
         return _refused(f"a part of the new config did not start: {exc}")
+    verifier = app[VERIFIER]
+    if verifier is not None and not verifier.ready:
+        # At start the sidecar waits for its first key set (not ready meanwhile); a reload
+        # would instead refuse every token until one came, so the running keys stay.
+        await build.cleanup()
+        return _refused(f"{settings.source}: `auth.jwks_url`: no key set could be fetched "
+                        f"from {settings.auth.jwks_url}")
     live.take_over(build, in_flight)
     if tls is not None:
         reload_certificate(tls, settings.server)

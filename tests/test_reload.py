@@ -15,8 +15,10 @@ import openai
 import pytest
 
 from tests.backends.test_local import local_config, wait_ready
+from tests.support.auth_helpers import jwt_config, make_issuer
+from tests.support.jwks_server import JwksServer
 from tests.support.notify_socket import NotifySocket
-from tests.support.sidecar import Sidecar, start_sidecar
+from tests.support.sidecar import Sidecar, base_config, start_sidecar
 from tests.support.upstream_mock import MockUpstream
 
 USER = [{"role": "user", "content": "x"}]
@@ -289,3 +291,31 @@ def test_requests_arriving_during_reloads_all_get_answers(
         assert sidecar.stop() == 0
     assert len(statuses) > 40
     assert set(statuses) == {200}
+
+
+def test_a_reload_whose_key_set_cannot_be_fetched_keeps_the_running_keys(
+        mock_upstream: MockUpstream, tmp_path: Path) -> None:
+    issuer = make_issuer(tmp_path / "issuer", kid="key-1")
+    jwks = JwksServer(issuer.jwks_path.read_bytes())
+    jwks.start()
+    config = base_config(mock_upstream) + jwt_config(
+        f'jwks_url = "{jwks.url}"', extra="jwks_refresh_s = 3600\njwks_cooldown_s = 60")
+    sidecar = start_sidecar(config, tmp_path / "s")
+    bearer = {"Authorization": f"Bearer {issuer.token()}"}
+    body = {"model": "gpt-test", "messages": USER}
+    try:
+        assert httpx.post(sidecar.base_url + "/chat/completions", headers=bearer,
+                          json=body).status_code == 200
+        jwks.up = False
+        reload(sidecar, "config reload refused")
+        assert "no key set could be fetched" in sidecar.logs()
+        assert httpx.post(sidecar.base_url + "/chat/completions", headers=bearer,
+                          json=body).status_code == 200
+        assert httpx.get(sidecar.url + "/readyz").status_code == 200
+        jwks.up = True
+        reload(sidecar)
+        assert httpx.post(sidecar.base_url + "/chat/completions", headers=bearer,
+                          json=body).status_code == 200
+    finally:
+        assert sidecar.stop() == 0
+        jwks.stop()
