@@ -4,7 +4,10 @@ event loop, and the listener's next request reaches the new application."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import gc
+import weakref
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -68,5 +71,26 @@ async def test_a_swap_never_blocks_the_loop_and_the_next_request_sees_it(
             assert not refused.applied and "`server.port`" in refused.reason
             reply = await client.chat.completions.create(model="renamed", messages=USER)  # type: ignore[arg-type]
             assert reply.choices[0].message.content == "Hello from mock: hi"
+    finally:
+        await client.close()
+
+
+async def test_a_retired_application_that_served_requests_is_freed(
+        listening: tuple[LiveApp, str, Path]) -> None:
+    """aiohttp caches middleware chains by application: the retired one must not stay there."""
+    live, url, path = listening
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+    try:
+        await client.chat.completions.create(model="gpt-test", messages=USER)  # type: ignore[arg-type]
+        served = weakref.ref(live.app)
+        outcome = await swap_configuration(live, functools.partial(config.load, path), (), None)
+        assert outcome.applied
+        await client.chat.completions.create(model="gpt-test", messages=USER)  # type: ignore[arg-type]
+        for _ in range(100):  # the retiring task runs on the loop
+            await asyncio.sleep(0.01)
+            gc.collect()
+            if served() is None:
+                break
+        assert served() is None
     finally:
         await client.close()
