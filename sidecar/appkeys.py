@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from sidecar.api.admin_page import AdminPage
     from sidecar.backends.base import Backend
     from sidecar.gateway import Gateway, Readiness
+    from sidecar.lineage import Lineage
     from sidecar.routing.shared import RouteSync
 
 from sidecar.cache.redis_tier import RedisTier
@@ -34,6 +35,8 @@ REDIS: web.AppKey[RedisTier | None] = web.AppKey("redis")
 BACKENDS: web.AppKey[dict[str, Backend]] = web.AppKey("backends")
 GATEWAY: web.AppKey[Gateway] = web.AppKey("gateway")
 READINESS: web.AppKey[Readiness] = web.AppKey("readiness")
+# What passes from one build of the app to the next when the config is reloaded.
+LINEAGE: web.AppKey[Lineage] = web.AppKey("lineage")
 ROUTE_SYNC: web.AppKey[RouteSync | None] = web.AppKey("route_sync")
 METRICS: web.AppKey[Metrics | None] = web.AppKey("metrics")  # None when metrics.enabled is off
 AUDIT = web.AppKey("audit", AuditTrail)  # the last changes made while serving

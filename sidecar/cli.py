@@ -1,16 +1,18 @@
-"""The `sidecar` command: serve, check-config, routes, token, gen-key, gen-cert."""
+"""The `sidecar` command: serve, check-config, routes, token, gen-key, gen-cert,
+install-service."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import ssl
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-from sidecar import __version__, config
+from sidecar import __version__, config, install
 from sidecar.observability import logging as slog
 from sidecar.settings import AnyProvider, AuthSettings, LocalProviderSettings, Settings
 
@@ -76,9 +78,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                           help="comma-separated names and addresses of the server")
     gen_cert.add_argument("--days", type=int, default=365)
 
+    install.add_arguments(commands.add_parser(
+        "install-service", help="make a virtual environment in its final place, install the "
+        "package into it, write the systemd unit and the config directory"))
+
     args = parser.parse_args(argv)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "install-service":
+        return install.run(args)
     if args.command == "token":
         return _token(args)
     if args.command == "routes":
@@ -275,8 +283,11 @@ def _serve(args: argparse.Namespace) -> int:
     from sidecar.engines.errors import EngineUnusable
     from sidecar.server import run
 
+    path = args.config or config.default_config_path()
     try:
-        run(settings, writer)
+        # SIGHUP reads the file again with the same command-line overrides.
+        run(settings, writer, functools.partial(config.load, path, host=args.host,
+                                                port=args.port))
     except EngineUnusable as exc:
         writer.close()
         print(f"sidecar: cannot start: {exc}", file=sys.stderr)

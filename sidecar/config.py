@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 import msgspec
 import msgspec.inspect
 
+from sidecar.config_paths import resolve_relative
 from sidecar.settings import (
     AnyProvider,
     ModelSettings,
@@ -40,7 +41,8 @@ def default_config_path() -> str:
 
 def load(path: str | os.PathLike[str], *, host: str | None = None,
          port: int | None = None) -> Settings:
-    """Read, validate and resolve a config file. Raises ConfigError with a readable message.
+    """Read, validate and resolve a config file (relative paths in it are relative to its
+    directory). Raises ConfigError with a readable message.
 
     `host` and `port` (the command line's) replace server.host and server.port before any
     check, so every way of choosing the address meets the same checks."""
@@ -58,6 +60,7 @@ def load(path: str | os.PathLike[str], *, host: str | None = None,
         if not isinstance(server, dict):
             raise ConfigError(f"{source}: `server`: expected a table")
         server.update({k: v for k, v in (("host", host), ("port", port)) if v is not None})
+    resolve_relative(data, Path(os.path.abspath(path)).parent)
     return from_mapping(data, source=source)
 
 
@@ -163,6 +166,8 @@ def _check_server(settings: Settings) -> None:
     except (OSError, UnicodeError) as exc:
         raise ConfigError(f"{src}: `server.host`: cannot resolve {server.host!r}: "
                           f"{getattr(exc, 'strerror', None) or exc}") from None
+    if server.shutdown_timeout_s is not None:
+        server.drain_timeout_s = server.shutdown_timeout_s
     if bool(server.tls_cert) != bool(server.tls_key):
         raise ConfigError(f"{src}: `server.tls_cert` and `server.tls_key` must be set together")
     if server.tls_client_ca and not server.tls_cert:

@@ -37,8 +37,11 @@ class ServerSettings(Struct, kw_only=True, forbid_unknown_fields=True):
     # A comment line on an SSE stream whose upstream has been silent this long keeps
     # proxies and clients from timing the connection out.
     heartbeat_s: PositiveFloat = 15.0
-    # How long a stopping server waits for requests in flight before it closes them.
-    shutdown_timeout_s: Annotated[float, Meta(ge=0)] = 30.0
+    # How long a stopping server waits for requests in flight before it ends them (a stream
+    # with an error event, a request with a 503).
+    drain_timeout_s: Annotated[float, Meta(ge=0, le=3600)] = 30.0
+    # The former name of drain_timeout_s, still read: when set, it is the drain's length.
+    shutdown_timeout_s: Annotated[float, Meta(ge=0, le=3600)] | None = None
     # TLS: both set to serve HTTPS; a client CA to require client certificates (mTLS).
     tls_cert: str = ""
     tls_key: str = ""

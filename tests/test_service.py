@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,32 +14,9 @@ import pytest
 
 from sidecar.service import Notifier, watchdog
 from tests.backends.test_local import local_config
+from tests.support.notify_socket import NotifySocket
 from tests.support.sidecar import Sidecar, base_config, start_sidecar
 from tests.support.upstream_mock import MockUpstream
-
-
-class NotifySocket:
-    """What systemd listens on: one datagram per message."""
-
-    def __init__(self, address: str) -> None:
-        self.address = address
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind("\0" + address[1:] if address.startswith("@") else address)
-        self.sock.settimeout(0.1)
-        self.messages: list[dict[str, str]] = []
-
-    def read_until(self, key: str, timeout: float = 30) -> dict[str, str]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                raw = self.sock.recv(4096)
-            except TimeoutError:
-                continue
-            message = dict(line.split("=", 1) for line in raw.decode().splitlines())
-            self.messages.append(message)
-            if key in message:
-                return message
-        raise AssertionError(f"no {key} in {self.messages}")
 
 
 @pytest.fixture(params=["path", "abstract"])

@@ -1,5 +1,6 @@
-"""Signals: SIGHUP never stops the process; SIGTERM says not ready at once, lets requests in flight
-finish for shutdown_timeout_s (once), then ends those still running with an answer."""
+"""Signals: SIGHUP never stops the process (it reloads the config: tests/test_reload.py);
+SIGTERM says not ready at once, lets requests in flight finish for drain_timeout_s (once), then
+ends those still running with an answer."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import httpx
+import openai
+import pytest
 
 from tests.support.sidecar import Sidecar, base_config
 from tests.support.upstream_mock import MockUpstream
@@ -17,9 +20,9 @@ from tests.support.upstream_mock import MockUpstream
 USER = [{"role": "user", "content": "x"}]
 
 
-def draining_config(upstream: MockUpstream, shutdown_timeout_s: float) -> str:
+def draining_config(upstream: MockUpstream, drain_timeout_s: float) -> str:
     return (base_config(upstream)
-            .replace("shutdown_timeout_s = 5", f"shutdown_timeout_s = {shutdown_timeout_s}")
+            .replace("drain_timeout_s = 5", f"drain_timeout_s = {drain_timeout_s}")
             .replace("timeout_read_s = 1.5", "timeout_read_s = 30"))
 
 
@@ -61,11 +64,11 @@ def long_stream(chunks: int = 80) -> dict[str, object]:
             "mock": {"chunks": chunks, "chunk_delay": 0.1}}
 
 
-def test_sighup_without_tls_is_noted_and_the_sidecar_keeps_serving(
+def test_sighup_reloads_the_config_and_the_sidecar_keeps_serving(
         sidecar_factory: Callable[..., Sidecar]) -> None:
     sidecar = sidecar_factory()
     sidecar.process.send_signal(signal.SIGHUP)
-    assert sidecar.wait_for_log("SIGHUP received")
+    assert sidecar.wait_for_log('"msg":"config reloaded"')
     assert sidecar.process.poll() is None
     reply = httpx.post(sidecar.base_url + "/chat/completions",
                        json={"model": "gpt-test", "messages": USER})
@@ -88,7 +91,7 @@ def test_readyz_says_503_as_soon_as_sigterm_arrives(
     assert sidecar.process.wait(10) == 0
 
 
-def test_a_stream_still_open_is_ended_after_shutdown_timeout_once_not_twice(
+def test_a_stream_still_open_is_ended_after_the_drain_timeout_once_not_twice(
         sidecar_factory: Callable[..., Sidecar], upstream: MockUpstream) -> None:
     sidecar = sidecar_factory(draining_config(upstream, 2))
     call, thread = in_background(sidecar, long_stream())
@@ -96,7 +99,7 @@ def test_a_stream_still_open_is_ended_after_shutdown_timeout_once_not_twice(
     sent = time.monotonic()
     sidecar.process.send_signal(signal.SIGTERM)
     thread.join(15)
-    # aiohttp alone waits shutdown_timeout_s for the handler, then as long again.
+    # aiohttp alone waits the drain timeout for the handler, then as long again.
     assert 1.8 < call.ended_at - sent < 3.3
     assert not call.raw.endswith(b"data: [DONE]\n\n")
     assert sidecar.process.wait(10) == 0
@@ -134,3 +137,70 @@ def upstream_received(upstream: MockUpstream, timeout: float = 10) -> bool:
             return False
         time.sleep(0.02)
     return True
+
+
+def test_fifty_streams_open_at_sigterm_finish_or_end_with_an_error_event_past_the_drain(
+        sidecar_factory: Callable[..., Sidecar], upstream: MockUpstream) -> None:
+    """Half the streams end within the drain and get every word and [DONE]; the other half
+    outlast it and get the shutting-down error event; /readyz says 503 all along; exit 0."""
+    sidecar = sidecar_factory(draining_config(upstream, 3))
+    outcomes: dict[int, str] = {}
+    words: dict[int, int] = {}
+    started = threading.Barrier(51, timeout=30)
+
+    def stream(n: int) -> None:
+        chunks = 10 if n % 2 else 100  # 1 s, or 10 s at 0.1 s a chunk
+        client = sidecar.client(timeout=30)
+        count = 0
+        try:
+            for chunk in client.chat.completions.create(
+                    model="gpt-test", messages=USER, stream=True,  # type: ignore[arg-type]
+                    extra_body={"mock": {"chunks": chunks, "chunk_delay": 0.1}}):
+                if chunk.choices and chunk.choices[0].delta.content:
+                    count += 1
+                    if count == 1:
+                        started.wait()
+            outcomes[n] = "complete"
+        except openai.APIError as exc:
+            outcomes[n] = str(getattr(exc, "code", None) or exc.message)
+        finally:
+            words[n] = count
+
+    threads = [threading.Thread(target=stream, args=(n,)) for n in range(50)]
+    for thread in threads:
+        thread.start()
+    started.wait()  # every stream has its first word
+    sent = time.monotonic()
+    sidecar.process.send_signal(signal.SIGTERM)
+    assert sidecar.wait_for_log("stopping: draining")
+    ready = httpx.get(sidecar.url + "/readyz")
+    assert ready.status_code == 503 and ready.json()["reason"] == "draining"
+    for thread in threads:
+        thread.join(20)
+    assert sidecar.process.wait(10) == 0
+    assert time.monotonic() - sent < 3 + 3  # the drain, then a second to close
+    assert [outcomes[n] for n in range(1, 50, 2)] == ["complete"] * 25
+    assert [words[n] for n in range(1, 50, 2)] == [10] * 25
+    assert [outcomes[n] for n in range(0, 50, 2)] == ["server_shutting_down"] * 25
+    assert sidecar.wait_for_log('"requests":25')  # "ending requests still in flight"
+
+
+def test_new_connections_are_refused_after_a_short_grace_while_streams_go_on(
+        sidecar_factory: Callable[..., Sidecar], upstream: MockUpstream) -> None:
+    sidecar = sidecar_factory(draining_config(upstream, 5))
+    call, thread = in_background(sidecar, long_stream())
+    assert call.started.wait(10) and not call.error
+    sent = time.monotonic()
+    sidecar.process.send_signal(signal.SIGTERM)
+    assert sidecar.wait_for_log("stopping: draining")
+    assert httpx.get(sidecar.url + "/readyz").status_code == 503  # still accepted: 503
+    assert sidecar.wait_for_log("no longer accepting connections", timeout=5)
+    assert time.monotonic() - sent > 1.8
+    received = len(call.raw)
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(sidecar.url + "/readyz")
+    time.sleep(0.5)
+    assert len(call.raw) > received  # the open stream goes on
+    thread.join(15)
+    assert b'"code":"server_shutting_down"' in call.raw
+    assert sidecar.process.wait(10) == 0

@@ -11,7 +11,6 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import aiohttp_jinja2
@@ -24,12 +23,12 @@ from sidecar.api.admin_page_access import SECURITY_HEADERS, Form, PageAccess, Vi
 from sidecar.api.http import error_response
 from sidecar.appkeys import ADMIN_PAGE, REDIS, SETTINGS, VERIFIER
 from sidecar.errors import RouteNotFound, SidecarError
+from sidecar.resources import data_dir
 from sidecar.security.jwt import Forbidden, Unauthorized
 from sidecar.security.sessions import SessionStore
 
 log = logging.getLogger("sidecar.audit")
 # web/ sits beside the package in the repository: templates/ and static/.
-WEB_DIR = Path(__file__).resolve().parent.parent.parent / "web"
 STATIC_TYPES = {".css": "text/css", ".js": "text/javascript"}
 PageHandler = Callable[[web.Request, Visit, Form | None], Awaitable[web.StreamResponse]]
 
@@ -80,7 +79,7 @@ def _make_part(templates: dict[str, str]
         shared = app[REDIS] if verifier is not None else None
         part = AdminPage(PageAccess(settings, verifier,
                                     SessionStore(settings.admin_page.max_sessions, shared)))
-        read = await asyncio.to_thread(_read_web_dir, WEB_DIR)
+        read = await asyncio.to_thread(_read_web_dir)
         templates.update(read[0])
         part.static = read[1]
         part.templates = templates
@@ -90,8 +89,10 @@ def _make_part(templates: dict[str, str]
     return admin_page
 
 
-def _read_web_dir(root: Path) -> tuple[dict[str, str], dict[str, tuple[bytes, str]]]:
-    """Reads files: call it from a thread."""
+def _read_web_dir() -> tuple[dict[str, str], dict[str, tuple[bytes, str]]]:
+    """Reads files (from the checkout, or the copy an installed wheel carries): call it
+    from a thread."""
+    root = data_dir("web")
     templates = {p.name: p.read_text("utf-8") for p in (root / "templates").glob("*.html")}
     static = {p.name: (p.read_bytes(), STATIC_TYPES[p.suffix])
               for p in (root / "static").iterdir() if p.suffix in STATIC_TYPES}

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import hdrs, http_exceptions, http_parser, web
 from aiohttp.web_protocol import RequestHandler
@@ -153,24 +153,40 @@ def _refuse_expected_body(request: BaseRequest, limit: int) -> web.StreamRespons
     return answer
 
 
-class EdgeRunner(web.AppRunner):
-    """An AppRunner whose connections are served by EdgeHandler, with its requests in
-    flight tracked."""
+class Dispatch(Protocol):
+    """Where the edge hands each request: the application current when it arrives."""
 
-    def __init__(self, app: web.Application, *, max_connections: int, max_body_bytes: int,
+    async def handle(self, request: BaseRequest) -> web.StreamResponse: ...
+
+    def make_request(self, *args: Any) -> BaseRequest: ...
+
+    async def close(self) -> None: ...
+
+
+class EdgeRunner(web.BaseRunner):
+    """The listeners' runner: connections served by EdgeHandler, each request handed to
+    `dispatch` and tracked while in flight."""
+
+    def __init__(self, dispatch: Dispatch, *, max_connections: int, max_body_bytes: int,
                  **kwargs: Any) -> None:
-        super().__init__(app, **kwargs)
+        super().__init__(**kwargs)
+        self._dispatch = dispatch
         self._max_connections = max_connections
         self._max_body_bytes = max_body_bytes
         self.in_flight = InFlight()
 
+    async def shutdown(self) -> None:
+        # Saying "draining" and waiting for requests is the server's drain, before this.
+        pass
+
     async def _make_server(self) -> web.Server:
-        plain = await super()._make_server()
         return EdgeServer(
-            self.in_flight.track(plain.request_handler, self._max_body_bytes),
-            request_factory=plain.request_factory,
-            handler_cancellation=plain.handler_cancellation,
+            self.in_flight.track(self._dispatch.handle, self._max_body_bytes),
+            request_factory=self._dispatch.make_request,
             loop=asyncio.get_running_loop(),
             max_connections=self._max_connections,
-            **plain._kwargs,
+            **self._kwargs,
         )
+
+    async def _cleanup_server(self) -> None:
+        await self._dispatch.close()

@@ -38,7 +38,7 @@ def base_config(mock: MockUpstream, *, server: str = "", extra: str = "",
 host = "127.0.0.1"
 port = 0
 heartbeat_s = 0.25
-shutdown_timeout_s = 5
+drain_timeout_s = 5
 {server}
 
 [providers.mock]
@@ -99,6 +99,15 @@ class Sidecar:
         """Log lines are written by a thread a moment later; wait for one."""
         deadline = time.monotonic() + timeout
         while text not in self.logs():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+        return True
+
+    def wait_for_log_count(self, text: str, count: int, timeout: float = 3) -> bool:
+        """Wait until `text` is in the log `count` times (a second reload, a second line)."""
+        deadline = time.monotonic() + timeout
+        while self.logs().count(text) < count:
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.02)
