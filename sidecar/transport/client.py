@@ -44,9 +44,10 @@ class Response:
             elif coding == "deflate":
                 self._inflater = zlib.decompressobj(zlib.MAX_WBITS)
             elif coding not in ("", "identity"):
+                # The value is not quoted: an upstream may echo anything there, our key too.
                 raise ProtocolViolation(
-                    f"the upstream used a Content-Encoding the sidecar does not read "
-                    f"({coding[:40]!r})")
+                    "the upstream used a Content-Encoding the sidecar does not read "
+                    "(it reads gzip, deflate and identity)")
 
     @property
     def content_length(self) -> int | None:
