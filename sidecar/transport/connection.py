@@ -21,6 +21,7 @@ import httptools
 from sidecar.transport.errors import (
     BodyBroken,
     Disconnected,
+    HeadBroken,
     HeadersTimeout,
     ProtocolViolation,
     ReadTimeout,
@@ -158,6 +159,8 @@ class Connection(asyncio.Protocol):
                 self._busy = False
             elif self._head_done:
                 self._error = BodyBroken("the upstream closed the connection mid-answer")
+            elif self._fed:  # part of an answer came: the request was seen, never resend it
+                self._error = HeadBroken("the upstream closed the connection mid-head")
             else:
                 self._error = Disconnected("the upstream closed the connection")
         self._wake_reader()
