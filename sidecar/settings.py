@@ -90,6 +90,28 @@ class UpstreamSettings(Struct, kw_only=True, forbid_unknown_fields=True):
     # The CA bundle that signs this upstream's certificate; unset: the system's CAs.
     ca_file: str | None = None
 
+    def __repr__(self) -> str:
+        # The proxy URL may carry user:password: a repr (a log line, a traceback) shows
+        # neither.
+        shown = []
+        for name in self.__struct_fields__:
+            value = getattr(self, name)
+            if name == "proxy" and value:
+                value = without_credentials(value)
+            shown.append(f"{name}={value!r}")
+        return f"{type(self).__name__}({', '.join(shown)})"
+
+
+def without_credentials(url: str) -> str:
+    """`url` with everything between its scheme and its last "@" (user:password, even one
+    holding an unescaped "/" or "@") replaced by ***."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    if "@" in rest:
+        rest = "***@" + rest.rpartition("@")[2]
+    return f"{scheme}{sep}{rest}"
+
 
 class ProviderSettings(UpstreamSettings, tag_field="kind", tag="openai"):
     """An upstream that speaks the OpenAI API (kind = "openai")."""

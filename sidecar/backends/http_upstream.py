@@ -108,12 +108,17 @@ class HttpUpstream:
                 response = await self._client.request(
                     "GET", path, self._header_block(), headers_timeout_s=self._headers_s)
                 await response.read_all(self._idle_s, _ERROR_BODY_LIMIT)
-            response.release()
-            return response.status < 500
         except (TransportError, TimeoutError):
             if response is not None:
                 response.close()
             return False
+        except BaseException:
+            # Cancelled mid-body: the connection goes with it, or its pool slot never returns.
+            if response is not None:
+                response.close()
+            raise
+        response.release()
+        return response.status < 500
 
     async def complete(self, call: Call) -> bytes:
         response = await self._send(call)
@@ -348,6 +353,11 @@ class HttpUpstream:
         except TransportError:
             response.close()
             return b"".join(chunks)[:_ERROR_BODY_LIMIT]
+        except BaseException:
+            # Cancelled (the client left) mid-body: the connection is aborted, or its pool
+            # slot would never be given back.
+            response.close()
+            raise
         if size < _ERROR_BODY_LIMIT:
             response.release()
         else:

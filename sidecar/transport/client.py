@@ -44,9 +44,10 @@ class Response:
             elif coding == "deflate":
                 self._inflater = zlib.decompressobj(zlib.MAX_WBITS)
             elif coding not in ("", "identity"):
+                # The value is not quoted: an upstream may echo anything there, our key too.
                 raise ProtocolViolation(
-                    f"the upstream used a Content-Encoding the sidecar does not read "
-                    f"({coding[:40]!r})")
+                    "the upstream used a Content-Encoding the sidecar does not read "
+                    "(it reads gzip, deflate and identity)")
 
     @property
     def content_length(self) -> int | None:
@@ -59,6 +60,15 @@ class Response:
         inflater = self._inflater
         if inflater is None:
             return await self._connection.read(idle_s, heartbeat_s)
+        try:
+            return await self._inflate(inflater, idle_s, heartbeat_s)
+        except zlib.error:
+            raise ProtocolViolation("the upstream's compressed body is corrupt") from None
+
+    async def _inflate(self, inflater: zlib._Decompress, idle_s: float,
+                       heartbeat_s: float | None) -> bytes | None:
+        # Damage may be met in any of these calls (a wrong checksum only once the tail held
+        # back between reads is inflated): the caller turns zlib.error into ProtocolViolation.
         while True:
             if self._tail:
                 piece = inflater.decompress(self._tail, _INFLATE_PIECE)
@@ -69,11 +79,11 @@ class Response:
             if raw is None:
                 return None
             if not raw:
-                return inflater.flush()
-            try:
-                piece = inflater.decompress(raw, _INFLATE_PIECE)
-            except zlib.error:
-                raise ProtocolViolation("the upstream's compressed body is corrupt") from None
+                last = inflater.flush()
+                if not inflater.eof:
+                    raise ProtocolViolation("the upstream's compressed body ends early")
+                return last
+            piece = inflater.decompress(raw, _INFLATE_PIECE)
             self._tail = inflater.unconsumed_tail
             if piece:
                 return piece

@@ -21,6 +21,7 @@ import httptools
 from sidecar.transport.errors import (
     BodyBroken,
     Disconnected,
+    HeadBroken,
     HeadersTimeout,
     ProtocolViolation,
     ReadTimeout,
@@ -42,6 +43,11 @@ class Limits:
 
 # What one interim (1xx) answer counts against max_header_bytes: 64 of them fill 64 KiB.
 _INTERIM_COST = 1024
+# Bytes a response's head may hold beyond max_header_bytes: its status line, the blank line.
+_STATUS_LINE_ALLOWANCE = 1024
+# Framing bytes each body piece may bring with it (a chunk's size line and CRLF; extensions
+# beyond this add up against max_header_bytes, as trailers do).
+_CHUNK_ALLOWANCE = 32
 
 
 class _Violation(Exception):
@@ -55,10 +61,10 @@ def _wake(waiter: asyncio.Future[bool], value: bool) -> None:
 
 class Connection(asyncio.Protocol):
     __slots__ = (
-        "_body", "_buffered", "_busy", "_complete", "_error", "_head_done", "_header_bytes",
-        "_interim", "_keep_alive", "_last_data", "_limits", "_loop", "_parser", "_paused",
-        "_raw_headers", "_then", "_tunnel", "_until_eof", "_waiter", "closed", "headers", "reused",
-        "status", "transport",
+        "_body", "_body_fed", "_body_pieces", "_buffered", "_busy", "_complete", "_error", "_fed",
+        "_head_done", "_header_bytes", "_interim", "_keep_alive", "_last_data", "_limits",
+        "_loop", "_parser", "_paused", "_raw_headers", "_then", "_tunnel", "_until_eof",
+        "_waiter", "closed", "headers", "reused", "status", "transport",
     )
 
     def __init__(self, loop: asyncio.AbstractEventLoop, limits: Limits) -> None:
@@ -74,6 +80,12 @@ class Connection(asyncio.Protocol):
         self._error: TransportError | None = None
         self._raw_headers: list[tuple[bytes, bytes]] = []
         self._header_bytes = 0
+        # Bytes fed to the parser for this response, and those of them it passed on as body:
+        # the difference (head, chunk framing, trailers) is bounded in data_received, since
+        # the parser gathers a header line whole before on_header can count it.
+        self._fed = 0
+        self._body_fed = 0
+        self._body_pieces = 0
         self._interim = False
         self._head_done = False
         self._complete = False
@@ -108,6 +120,8 @@ class Connection(asyncio.Protocol):
             return
         try:
             self._parser.feed_data(data)
+            self._fed += len(data)
+            self._check_framing()
         except httptools.HttpParserUpgrade:
             self._fail(ProtocolViolation("the upstream switched protocols (HTTP 101)"))
         except httptools.HttpParserCallbackError as exc:
@@ -116,6 +130,26 @@ class Connection(asyncio.Protocol):
                        else ProtocolViolation("the upstream's response could not be read"))
         except httptools.HttpParserError as exc:
             self._fail(ProtocolViolation(f"malformed response from the upstream ({exc})"))
+        except ProtocolViolation as exc:
+            self._fail(exc)
+
+    def _check_framing(self) -> None:
+        """Bytes that are not body (head, chunk framing, trailers) stay within the header
+        limit: one endless header, trailer or chunk-extension line is refused as it grows."""
+        if not self._busy:
+            return
+        limit = self._limits.max_header_bytes + _STATUS_LINE_ALLOWANCE
+        if not self._head_done:
+            if self._fed > limit:
+                raise ProtocolViolation(
+                    f"the upstream's headers exceed {self._limits.max_header_bytes} bytes")
+            return
+        # After the head: one head's worth already spent, one more for trailers.
+        framing = self._fed - self._body_fed
+        if framing > 2 * limit + self._body_pieces * _CHUNK_ALLOWANCE:
+            raise ProtocolViolation(
+                f"the upstream's chunk framing or trailers exceed "
+                f"{self._limits.max_header_bytes} bytes")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -125,6 +159,8 @@ class Connection(asyncio.Protocol):
                 self._busy = False
             elif self._head_done:
                 self._error = BodyBroken("the upstream closed the connection mid-answer")
+            elif self._fed:  # part of an answer came: the request was seen, never resend it
+                self._error = HeadBroken("the upstream closed the connection mid-head")
             else:
                 self._error = Disconnected("the upstream closed the connection")
         self._wake_reader()
@@ -189,6 +225,8 @@ class Connection(asyncio.Protocol):
         self._wake_reader()
 
     def on_body(self, body: bytes) -> None:
+        self._body_fed += len(body)
+        self._body_pieces += 1
         self._body.append(body)
         self._buffered += len(body)
         if self._buffered > self._limits.buffer_high and not self._paused:
@@ -232,7 +270,7 @@ class Connection(asyncio.Protocol):
         """Write a request; the previous response must have been read to its end."""
         assert self.transport is not None and not self._busy
         self._raw_headers = []
-        self._header_bytes = 0
+        self._header_bytes = self._fed = self._body_fed = self._body_pieces = 0
         self._head_done = self._complete = self._until_eof = False
         self.status = 0
         self.headers = {}

@@ -18,7 +18,13 @@ class ConnectTimeout(ConnectFailed):
 
 
 class Disconnected(TransportError):
-    """The peer closed the connection before the response's headers were complete."""
+    """The peer closed the connection before any byte of a response arrived (the request may
+    be sent again on a fresh connection)."""
+
+
+class HeadBroken(TransportError):
+    """The peer closed the connection after part of the response's head had arrived: the
+    request was seen, so it is not sent again."""
 
 
 class HeadersTimeout(TransportError):

@@ -53,3 +53,17 @@ def test_usable_transport_settings_load(tmp_path: Path) -> None:
     provider = config.load(path).providers["up"]
     assert provider.proxy == "http://u:p@127.0.0.1:3128"  # type: ignore[union-attr]
     assert provider.timeout_headers_s == 30 and provider.keepalive_s == 5  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("proxy", ["http://user:s3cret-pass@127.0.0.1:3128",
+                                   "user:s3cret-pass@127.0.0.1:3128/",
+                                   "http://user:s3cret-pass%40x@127.0.0.1:3128"])
+def test_the_proxy_credentials_never_show_in_a_repr(tmp_path: Path, proxy: str) -> None:
+    path = tmp_path / "sidecar.toml"
+    path.write_text(BASE.format(extra=f'proxy = "{proxy}"'))
+    settings = config.load(path)
+    provider = settings.providers["up"]
+    assert provider.proxy == proxy  # type: ignore[union-attr]  # the value itself is whole
+    for text in (repr(provider), repr(settings), str(provider), repr([provider])):
+        assert "s3cret-pass" not in text and "user:" not in text
+        assert "127.0.0.1:3128" in text and "api.example.com" in text
