@@ -16,7 +16,7 @@ from sidecar.api.http import JSON
 from sidecar.api.openai_writer import write_json, write_stream
 from sidecar.appkeys import CONTEXT, GATEWAY, SETTINGS
 from sidecar.errors import ModelNotFound, RequestTimeout
-from sidecar.gateway import Exchange
+from sidecar.exchange import Exchange
 from sidecar.protocol.requests import (
     ChatCompletionRequest,
     CompletionRequest,

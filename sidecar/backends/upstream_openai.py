@@ -15,6 +15,9 @@ from sidecar.settings import ProviderSettings, Secret
 
 
 class OpenAIUpstream(HttpUpstream):
+    protocol = "openai"  # its calls and answers; others are translated on the way
+    default_max_tokens: int | None = None  # OpenAI's API needs no limit
+
     def __init__(self, name: str, settings: ProviderSettings, api_key: Secret | None,
                  session: aiohttp.ClientSession, heartbeat_s: float) -> None:
         super().__init__(name, settings, settings.base_url, api_key, session, heartbeat_s)

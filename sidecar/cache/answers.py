@@ -8,7 +8,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 
 from sidecar.cache.records import Record, as_chunks, as_json
 from sidecar.cache.response_cache import ResponseCache, cache_key, deterministic
-from sidecar.gateway import Answer, Exchange
+from sidecar.exchange import Answer, Exchange
 from sidecar.settings import CacheSettings
 
 
