@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 import aiohttp
 from aiohttp import web
 
-from sidecar.api import admin, admin_engines, health, metrics, openai
+from sidecar.api import admin, admin_engines, anthropic, health, metrics, openai
 from sidecar.api.middleware import Guard, make_middleware
 from sidecar.appkeys import (
     BACKENDS,
@@ -90,6 +90,7 @@ def create_app(settings: Settings, log_writer: LineWriter | None = None) -> web.
     secret = settings.cache_secret
     app[CACHE_SECRET] = secret.reveal().encode() if secret is not None else os.urandom(32)
     app.add_routes(openai.routes)
+    app.add_routes(anthropic.routes)
     app.add_routes(admin.routes)
     app.add_routes(admin_engines.routes)
     app.add_routes(health.routes)

@@ -8,7 +8,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 
 from sidecar.cache.records import Record, as_chunks, as_json
 from sidecar.cache.response_cache import ResponseCache, cache_key, deterministic
-from sidecar.exchange import Answer, Exchange
+from sidecar.exchange import OPENAI, Answer, Exchange
 from sidecar.settings import CacheSettings
 
 
@@ -61,7 +61,7 @@ class AnswerCache:
         record.cache = state
         cache.counts[state] += 1
         if shared:
-            answer = Answer(text)
+            answer = Answer(text, None, None, exchange.protocol)
             answer.from_cache = True
         else:
             answer = fetched[0]
@@ -72,8 +72,15 @@ class AnswerCache:
 
 
 def _replay(kept: Record, exchange: Exchange) -> Answer | None:
-    """A hit, in the shape the client asked for; None when the record cannot take it."""
-    if exchange.stream:
+    """A hit, in the shape the client asked for; None when the record cannot take it.
+    Records are kept in the front door's protocol (the endpoint is part of the key); one of
+    Anthropic's replays as it was kept, a message as a message and a stream as a stream."""
+    if exchange.protocol != OPENAI:
+        if kept.kind != ("stream" if exchange.stream else "json"):
+            return None
+        answer = Answer(kept.body, None, None, exchange.protocol) if not exchange.stream else \
+            Answer(b"", _listed(kept.chunks[1:]), kept.chunks[0], exchange.protocol)
+    elif exchange.stream:
         chunks = as_chunks(kept, exchange.include_usage)
         if chunks is None:
             return None

@@ -37,7 +37,7 @@ def request_from_anthropic(payload: dict[str, Any]) -> ChatRequest:
     top_k = payload.get("top_k")
     request = ChatRequest(
         model=str(payload["model"]),
-        max_tokens=int(payload["max_tokens"]),
+        max_tokens=int(payload["max_tokens"]) if payload.get("max_tokens") else None,
         temperature=_number(payload.get("temperature")),
         top_p=_number(payload.get("top_p")),
         top_k=top_k if isinstance(top_k, int) and not isinstance(top_k, bool) else None,
