@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import uuid
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -163,6 +164,11 @@ async def _messages(events: AsyncGenerator[bytes, None], model: str
     try:
         async for data in events:
             if data == HEARTBEAT:
+                if writer is None:
+                    # A target that is slow to say its first word: the message starts, so
+                    # that the pings keeping the connection alive come after message_start.
+                    writer = EventWriter(_anthropic_head(None, model))
+                    yield writer.start()
                 yield data
                 continue
             for event in events_from_chunk(data):
@@ -186,5 +192,5 @@ async def _messages(events: AsyncGenerator[bytes, None], model: str
 
 
 def _anthropic_head(answer_id: object, model: object) -> dict[str, Any]:
-    name = str(answer_id or "openai")
+    name = str(answer_id or uuid.uuid4().hex)
     return {"id": name if name.startswith("msg_") else f"msg_{name}", "model": str(model)}

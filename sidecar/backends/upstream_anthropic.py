@@ -57,11 +57,14 @@ class AnthropicUpstream(HttpUpstream):
             async for data in events:
                 if data.startswith(_ERROR):
                     raise self._stream_error(data)
-                if held is None or data == HEARTBEAT:
+                if held is None:
                     yield data
                 elif data.startswith(_PREAMBLE):
                     held.append(data)
-                else:
+                else:  # the first word, or a heartbeat: the stream is under way
+                    if data == HEARTBEAT and not held:
+                        yield data  # nothing came yet: a heartbeat, still before the start
+                        continue
                     for early in held:
                         yield early
                     held = None
