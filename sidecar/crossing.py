@@ -80,10 +80,10 @@ async def _claude_for_openai(backend: Backend, call: Call, exchange: Exchange, m
             raise UpstreamError("The upstream answered with an error.")
         head = _openai_head(answer.get("id"), answer.get("model") or model, "chat.completion")
         return Answer(answer_json(head, True, answer_events(answer)))
-    return await opened(_chunks(backend.stream(sent), request))
+    return await opened(openai_chunks_of(backend.stream(sent), request))
 
 
-async def _chunks(events: AsyncGenerator[bytes, None], request: ChatRequest
+async def openai_chunks_of(events: AsyncGenerator[bytes, None], request: ChatRequest
                   ) -> AsyncGenerator[bytes, None]:
     """A Messages stream as OpenAI's chunks."""
     state = StreamState()  # this stream's own: concurrent streams never share one
@@ -154,10 +154,10 @@ async def _openai_for_claude(backend: Backend, call: Call, exchange: Exchange, m
             raise UpstreamError("The target answered with something that is not an object.")
         head = _anthropic_head(answer.get("id"), answer.get("model") or model)
         return Answer(message_json(head, events_from_answer(answer)), None, None, ANTHROPIC)
-    return await opened(_messages(backend.stream(sent), model), ANTHROPIC)
+    return await opened(messages_events_of(backend.stream(sent), model), ANTHROPIC)
 
 
-async def _messages(events: AsyncGenerator[bytes, None], model: str
+async def messages_events_of(events: AsyncGenerator[bytes, None], model: str
                     ) -> AsyncGenerator[bytes, None]:
     """OpenAI's chunks as a Messages stream (message_stop excluded: the writer's)."""
     writer: EventWriter | None = None  # this stream's own
@@ -175,7 +175,7 @@ async def _messages(events: AsyncGenerator[bytes, None], model: str
                 if isinstance(event, StreamFailure):
                     raise event.error
                 if writer is None:
-                    # message_start waits for the answer's first word (see _chunks).
+                    # message_start waits for the answer's first word (see openai_chunks_of).
                     head = orjson.loads(data)
                     writer = EventWriter(_anthropic_head(head.get("id"),
                                                          head.get("model") or model))
