@@ -321,3 +321,12 @@ def test_a_cached_stream_replays_as_anthropic_events(door: Sidecar, upstream: Mo
             messages=said(f"stream and cache {model}")) as stream:
         assert stream.get_final_text().endswith(f"stream and cache {model}")
     assert len(upstream.requests) + len(claude.requests) == 1
+
+
+def test_a_client_that_leaves_a_stream_cancels_the_upstream_request(
+        door: Sidecar, claude: AnthropicMock) -> None:
+    with client(door).messages.stream(model="claude", max_tokens=64, messages=steer(
+            text=" ".join(["word"] * 50), delay_s=0.1)) as reader:
+        for _ in reader.text_stream:
+            break  # the first words, then away
+    assert claude.aborted.wait(5)
