@@ -67,17 +67,19 @@ async def _claude_for_openai(backend: Backend, call: Call, exchange: Exchange, m
             f"{exchange.endpoint}.", code="unsupported_endpoint")
     _refuse_unsupported(exchange.payload)
     request = dataclasses.replace(_chat(exchange), model=model)
-    body = orjson.dumps(request_to_anthropic(request, backend.default_max_tokens or 4096))
+    # An Anthropic backend always has a default (its provider's `default_max_tokens`).
+    limit = backend.default_max_tokens or 4096
+    body = orjson.dumps(request_to_anthropic(request, limit))
     sent = dataclasses.replace(call, endpoint="messages", body=body)
     if not exchange.stream:
         raw = await backend.complete(sent)
         try:
             answer = orjson.loads(raw)
         except orjson.JSONDecodeError:
-            raise UpstreamError("The upstream answered with something that is not JSON."
-                                ) from None
+            raise UpstreamError(f"The upstream `{backend.name}` answered with something that "
+                                "is not JSON.") from None
         if not isinstance(answer, dict) or answer.get("type") == "error":
-            raise UpstreamError("The upstream answered with an error.")
+            raise UpstreamError(f"The upstream `{backend.name}` answered with an error.")
         head = _openai_head(answer.get("id"), answer.get("model") or model, "chat.completion")
         return Answer(answer_json(head, True, answer_events(answer)))
     return await opened(openai_chunks_of(backend.stream(sent), request))
@@ -148,10 +150,11 @@ async def _openai_for_claude(backend: Backend, call: Call, exchange: Exchange, m
         try:
             answer = orjson.loads(raw)
         except orjson.JSONDecodeError:
-            raise UpstreamError("The target answered with something that is not JSON."
-                                ) from None
+            raise UpstreamError(f"The target `{backend.name}` answered with something that is "
+                                "not JSON.") from None
         if not isinstance(answer, dict):
-            raise UpstreamError("The target answered with something that is not an object.")
+            raise UpstreamError(f"The target `{backend.name}` answered with something that is "
+                                "not an object.")
         head = _anthropic_head(answer.get("id"), answer.get("model") or model)
         return Answer(message_json(head, events_from_answer(answer)), None, None, ANTHROPIC)
     return await opened(messages_events_of(backend.stream(sent), model), ANTHROPIC)

@@ -245,6 +245,8 @@ def _bearer(request: web.Request) -> str:
         key = request.headers.get("x-api-key", "").strip()
         if key:
             return key
+        raise Unauthorized("This request needs the sidecar's token as `x-api-key` or in an "
+                           "`Authorization: Bearer <token>` header.", code="missing_token")
     if header is None:
         raise Unauthorized("This request needs an `Authorization: Bearer <token>` header.",
                            code="missing_token")

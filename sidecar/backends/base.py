@@ -33,6 +33,7 @@ class Call:
 
 
 class Backend(Protocol):
+    name: str  # the provider's name in the configuration
     # The protocol its calls are written in ("openai" or "anthropic"): a request of another
     # is translated on its way (sidecar/crossing.py).
     protocol: str

@@ -69,6 +69,7 @@ def test_no_token_is_a_401_authentication_error(secured: Sidecar) -> None:
     assert reply.status_code == 401
     assert reply.json()["type"] == "error"
     assert reply.json()["error"]["type"] == "authentication_error"
+    assert "`x-api-key`" in reply.json()["error"]["message"]
 
 
 def test_a_token_that_does_not_verify_is_refused(secured: Sidecar, issuer: Issuer,
