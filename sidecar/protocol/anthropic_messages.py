@@ -10,6 +10,7 @@ from typing import Any
 import orjson
 
 from sidecar.errors import InvalidRequest
+from sidecar.protocol.anthropic import StreamState, answer_events
 from sidecar.protocol.chat import (
     ChatMessage,
     ChatRequest,
@@ -285,6 +286,35 @@ class EventWriter:
     def _delta(self, delta: dict[str, Any], index: int | None = None) -> bytes:
         return orjson.dumps({"type": "content_block_delta",
                              "index": self._open if index is None else index, "delta": delta})
+
+
+def message_as_events(body: bytes) -> list[bytes] | None:
+    """A kept Messages answer as the stream events that say it (for a cache hit asked as a
+    stream); None when it is not a message."""
+    try:
+        message = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(message, dict) or message.get("type") != "message":
+        return None
+    writer = EventWriter({"id": str(message.get("id") or ""),
+                          "model": str(message.get("model") or "")})
+    out = [writer.start()]
+    for event in answer_events(message):
+        out += writer.event(event)
+    return out + writer.end()
+
+
+def events_as_message(events: list[bytes]) -> bytes | None:
+    """Kept Messages stream events as the whole answer they spell (for a cache hit asked as
+    a message); None when they do not make one."""
+    state = StreamState()
+    said: list[Event] = []
+    for data in events:
+        said += state.feed(data)
+    if state.id is None or any(isinstance(e, StreamFailure) for e in said):
+        return None
+    return message_json({"id": state.id, "model": state.model}, said)
 
 
 def messages_usage(data: bytes, before: tuple[int, int, int, int] | None = None

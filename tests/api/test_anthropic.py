@@ -330,3 +330,29 @@ def test_a_client_that_leaves_a_stream_cancels_the_upstream_request(
         for _ in reader.text_stream:
             break  # the first words, then away
     assert claude.aborted.wait(5)
+
+
+def test_a_kept_message_answers_a_stream_and_a_kept_stream_a_message(
+        door: Sidecar, upstream: MockUpstream, claude: AnthropicMock) -> None:
+    ask: Any = {"model": "claude", "max_tokens": 16, "temperature": 0,
+                "messages": said("either way round")}
+    whole = httpx.post(door.url + "/v1/messages", json=ask, timeout=10).json()
+    replayed = httpx.post(door.url + "/v1/messages", json={**ask, "stream": True}, timeout=10)
+    assert replayed.headers["x-sidecar-cache"] == "hit"
+    events = sse_events(replayed.text)
+    assert [name for name, _ in events][:2] == ["message_start", "content_block_start"]
+    assert events[-1][0] == "message_stop"
+    text = "".join(data["delta"]["text"] for name, data in events
+                   if name == "content_block_delta")
+    assert text == whole["content"][0]["text"]
+    streamed = {**ask, "messages": said("the other way round"), "stream": True}
+    httpx.post(door.url + "/v1/messages", json=streamed, timeout=10)
+    message = client(door).messages.with_raw_response.create(
+        model="claude", max_tokens=16, extra_body={"temperature": 0},
+        messages=said("the other way round"))
+    assert message.headers["x-sidecar-cache"] == "hit"
+    kept = message.parse()
+    assert kept.content[0].type == "text"
+    assert kept.content[0].text == "echo: the other way round"
+    assert kept.id == "msg_mock01"
+    assert len(claude.requests) == 2

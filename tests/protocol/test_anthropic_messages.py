@@ -12,6 +12,8 @@ import pytest
 from sidecar.errors import InvalidRequest, UpstreamError
 from sidecar.protocol.anthropic_messages import (
     EventWriter,
+    events_as_message,
+    message_as_events,
     message_json,
     messages_usage,
     request_from_anthropic,
@@ -152,3 +154,20 @@ def test_usage_is_read_from_an_answer_and_from_a_stream_in_parts() -> None:
     delta = orjson.dumps({"type": "message_delta", "usage": {"output_tokens": 7}})
     assert messages_usage(delta, messages_usage(start)) == (10, 7, 17, -1)
     assert messages_usage(b"not json", (1, 2, 3, -1)) == (1, 2, 3, -1)
+
+
+def test_a_kept_message_and_its_stream_events_spell_each_other() -> None:
+    message = orjson.dumps({
+        "id": "msg_k", "type": "message", "role": "assistant", "model": "m",
+        "content": [{"type": "text", "text": "Hi."},
+                    {"type": "tool_use", "id": "t0", "name": "f", "input": {"a": 1}}],
+        "stop_reason": "tool_use", "stop_sequence": None,
+        "usage": {"input_tokens": 3, "output_tokens": 2}})
+    events = message_as_events(message)
+    assert events is not None
+    again = orjson.loads(events_as_message(events) or b"{}")
+    assert again["content"] == orjson.loads(message)["content"]
+    assert (again["id"], again["stop_reason"], again["usage"]) == (
+        "msg_k", "tool_use", {"input_tokens": 3, "output_tokens": 2, "cache_read_input_tokens": 0})
+    assert message_as_events(b'{"type": "error"}') is None
+    assert events_as_message([b'{"type": "ping"}']) is None
