@@ -356,3 +356,14 @@ def test_a_kept_message_answers_a_stream_and_a_kept_stream_a_message(
     assert kept.content[0].text == "echo: the other way round"
     assert kept.id == "msg_mock01"
     assert len(claude.requests) == 2
+
+
+def test_the_metrics_count_this_doors_requests_apart(door: Sidecar, claude: AnthropicMock
+                                                     ) -> None:
+    client(door).messages.create(model="claude", max_tokens=8, messages=said("metered"))
+    client(door).messages.count_tokens(model="claude", messages=said("metered"))
+    text = httpx.get(door.url + "/metrics", timeout=10).text
+    lines = [line for line in text.splitlines()
+             if line.startswith("llm_sidecar_requests_total{") and 'front_door="anthropic"' in line]
+    operations = {line.split('operation="')[1].split('"')[0] for line in lines}
+    assert operations == {"chat", "count_tokens"}
