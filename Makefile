@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: serve test lint bench check-config clean mutation
+.PHONY: serve test lint browser bench check-config clean mutation
 
 # The local engine needs torch. By default the CPU build (a few hundred MB): an unpinned
 # `torch` from PyPI is the multi-GB CUDA build. With a GPU: make serve EXTRAS=dev,gpu TORCH=torch
@@ -34,8 +34,16 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-test: lint
+test: lint browser
 	$(BIN)/pytest
+
+# The admin page's browser tests drive Debian's chromium through its chromedriver: installed
+# here when missing and run as root (the tests skip, saying why, where they cannot be).
+browser:
+	@{ [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; } || \
+		{ [ "$$(id -u)" = 0 ] && { apt-get install -y -qq chromium chromium-driver || \
+			{ apt-get update -qq && apt-get install -y -qq chromium chromium-driver; }; }; } || \
+		echo "the browser tests will skip: apt-get install chromium chromium-driver"
 
 # Needs wrk (Debian package `wrk`); installs it when run as root and it is missing.
 bench: $(STAMP)

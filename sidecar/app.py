@@ -10,14 +10,14 @@ import logging
 import os
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any
-from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
 
-from sidecar.api import admin, admin_engines, anthropic, health, metrics, openai
+from sidecar.api import admin, admin_engines, admin_page, anthropic, health, metrics, openai
 from sidecar.api.middleware import Guard, make_middleware
 from sidecar.appkeys import (
+    AUDIT,
     BACKENDS,
     CACHE,
     CACHE_SECRET,
@@ -43,6 +43,7 @@ from sidecar.cache.response_cache import ResponseCache
 from sidecar.config import metrics_listener
 from sidecar.engines.factory import make_engine
 from sidecar.gateway import Gateway, Readiness
+from sidecar.observability.audit import AuditTrail
 from sidecar.observability.logging import AccessLog, LineWriter
 from sidecar.observability.metrics import Metrics
 from sidecar.routing.router import Router
@@ -52,6 +53,7 @@ from sidecar.routing.table import RouteTable
 from sidecar.security.jwt import JwksFetcher, Verifier, load_static_keys
 from sidecar.security.limits import Limiter
 from sidecar.settings import AnthropicProviderSettings, LocalProviderSettings, Settings
+from sidecar.transport.clients import UpstreamClients
 
 log = logging.getLogger("sidecar")
 
@@ -72,6 +74,7 @@ def create_app(settings: Settings, log_writer: LineWriter | None = None) -> web.
     app[VERIFIER] = verifier
     app[LIMITER] = limiter
     app[METRICS] = counted
+    app[AUDIT] = AuditTrail()
     app.cleanup_ctx.append(_http_session)
     app.cleanup_ctx.append(_auth_keys)
     app.cleanup_ctx.append(_redis)
@@ -95,6 +98,7 @@ def create_app(settings: Settings, log_writer: LineWriter | None = None) -> web.
     app.add_routes(admin_engines.routes)
     app.add_routes(health.routes)
     app.add_routes(metrics.routes)
+    admin_page.install(app)
     if counted is not None and not settings.metrics.listen:
         app.router.add_get(settings.metrics.path, metrics.scrape_handler(app))
     return app
@@ -154,9 +158,9 @@ async def _cache(app: web.Application) -> AsyncIterator[None]:
 
 async def _backends(app: web.Application) -> AsyncIterator[None]:
     """A backend per provider: local engines, and upstreams on one pooled keep-alive client
-    session per origin, shared by the providers there."""
+    per origin (sidecar/transport/), shared by the providers there."""
     settings = app[SETTINGS]
-    sessions: dict[str, aiohttp.ClientSession] = {}
+    clients = UpstreamClients()
     backends: dict[str, Backend] = {}
     app[BACKENDS] = backends
     try:
@@ -165,31 +169,18 @@ async def _backends(app: web.Application) -> AsyncIterator[None]:
                 engine = await asyncio.to_thread(make_engine, provider)
                 backends[name] = LocalBackend(name, engine, provider, settings.server.heartbeat_s)
                 continue
-            url = urlsplit(provider.base_url)
-            origin = f"{url.scheme}://{url.netloc}"
-            session = sessions.get(origin)
-            if session is None:
-                connector = aiohttp.TCPConnector(
-                    limit=provider.max_connections,
-                    limit_per_host=0,
-                    ttl_dns_cache=60,
-                    enable_cleanup_closed=True,
-                )
-                # Requests are sent as the client wrote them; the sidecar adds no cookies.
-                session = sessions[origin] = aiohttp.ClientSession(
-                    connector=connector, cookie_jar=aiohttp.DummyCookieJar())
+            client = await clients.for_provider(provider, provider.base_url)
             if isinstance(provider, AnthropicProviderSettings):
                 backends[name] = AnthropicUpstream(name, provider, settings.api_keys.get(name),
-                                                   session, settings.server.heartbeat_s)
+                                                   client, settings.server.heartbeat_s)
                 continue
             backends[name] = OpenAIUpstream(name, provider, settings.api_keys.get(name),
-                                            session, settings.server.heartbeat_s)
+                                            client, settings.server.heartbeat_s)
         yield
     finally:
         for backend in backends.values():
             await backend.close()
-        for session in sessions.values():
-            await session.close()
+        await clients.close()
 
 
 async def _gateway(app: web.Application) -> AsyncIterator[None]:
@@ -222,7 +213,7 @@ async def _route_sync(app: web.Application) -> AsyncIterator[None]:
         return
     sync = app[ROUTE_SYNC] = RouteSync(settings.cache.redis_url, app[GATEWAY].routes,
                                        app[ROUTE_STATE], settings.cache.timeout_ms / 1000,
-                                       app[CACHE_SECRET])
+                                       app[CACHE_SECRET], app[AUDIT])
     try:
         async with _running(sync.run(), "route-sync"):
             yield

@@ -8,12 +8,14 @@ import aiohttp
 from aiohttp import web
 
 if TYPE_CHECKING:
+    from sidecar.api.admin_page import AdminPage
     from sidecar.backends.base import Backend
     from sidecar.gateway import Gateway, Readiness
     from sidecar.routing.shared import RouteSync
 
 from sidecar.cache.redis_tier import RedisTier
 from sidecar.cache.response_cache import ResponseCache
+from sidecar.observability.audit import AuditTrail
 from sidecar.observability.metrics import Metrics
 from sidecar.observability.timing import RequestContext
 from sidecar.routing.state import RouteState
@@ -34,6 +36,8 @@ GATEWAY: web.AppKey[Gateway] = web.AppKey("gateway")
 READINESS: web.AppKey[Readiness] = web.AppKey("readiness")
 ROUTE_SYNC: web.AppKey[RouteSync | None] = web.AppKey("route_sync")
 METRICS: web.AppKey[Metrics | None] = web.AppKey("metrics")  # None when metrics.enabled is off
+AUDIT = web.AppKey("audit", AuditTrail)  # the last changes made while serving
+ADMIN_PAGE: web.AppKey[AdminPage] = web.AppKey("admin_page")  # when admin_page.enabled
 
 # Per-request state set by the edge middleware.
 CONTEXT = web.RequestKey("context", RequestContext)

@@ -23,6 +23,7 @@ from sidecar.settings import (
     Settings,
     UpstreamSettings,
 )
+from sidecar.transport.checks import upstream_problem
 
 DEFAULT_CONFIG = "config/sidecar.toml"
 
@@ -292,6 +293,9 @@ def _check(settings: Settings) -> None:
             )
         if provider.api_key_env and provider.api_key_file:
             raise ConfigError(f"{src}: `{key}`: set api_key_env or api_key_file, not both")
+        problem = upstream_problem(provider)
+        if problem is not None:
+            raise ConfigError(f"{src}: `{key}.{problem[0]}`: {problem[1]}")
     if not settings.models:
         raise ConfigError(f"{src}: `models`: no model is configured; add a [models.\"NAME\"] table")
     for model, entry in settings.models.items():

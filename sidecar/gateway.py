@@ -16,13 +16,12 @@ from functools import partial
 from time import perf_counter
 from typing import TYPE_CHECKING
 
-import orjson
-
 from sidecar.backends.base import Backend, Call
 from sidecar.crossing import cross
 from sidecar.errors import ModelNotFound, SidecarError, Spillable
 from sidecar.exchange import OPENAI, Answer, Exchange, first_of
 from sidecar.protocol.anthropic_messages import messages_usage
+from sidecar.protocol.usage import usage_of
 from sidecar.routing.router import Router
 from sidecar.routing.table import Route, RouteTable, Target
 from sidecar.security.jwt import Forbidden
@@ -221,32 +220,6 @@ def estimate_tokens(exchange: Exchange, default_max_tokens: int) -> int:
     if limit == 0:
         return prompt
     return prompt + (limit or default_max_tokens) * exchange.choices
-
-
-def usage_of(body: bytes) -> tuple[int, int, int, int] | None:
-    """`usage` of an OpenAI answer or chunk: prompt, completion and total tokens, and the
-    prompt tokens read from the provider's cache (-1 when the answer does not say)."""
-    at = body.rfind(b'"usage"')
-    if at < 0:
-        return None
-    try:
-        # Usage comes last in most answers: parsing from its key to the end costs a fraction
-        # of the whole body. Where the last "usage" key is nested deeper, that tail has
-        # more closing braces than opening ones, is not JSON, and the whole body is parsed.
-        usage = orjson.loads(b"{" + body[at:]).get("usage")
-    except orjson.JSONDecodeError:
-        try:
-            usage = orjson.loads(body).get("usage")
-        except (orjson.JSONDecodeError, AttributeError):
-            return None
-    if not isinstance(usage, dict) or not isinstance(usage.get("total_tokens"), int):
-        return None
-    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-    details = usage.get("prompt_tokens_details")
-    cached = details.get("cached_tokens") if isinstance(details, dict) else None
-    return (prompt if isinstance(prompt, int) else 0,
-            completion if isinstance(completion, int) else 0, int(usage["total_tokens"]),
-            cached if isinstance(cached, int) and not isinstance(cached, bool) else -1)
 
 
 @dataclass(slots=True)

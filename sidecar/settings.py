@@ -77,6 +77,15 @@ class UpstreamSettings(Struct, kw_only=True, forbid_unknown_fields=True):
     max_response_bytes: Annotated[int, Meta(ge=1024)] = 64 * 1024 * 1024
     # One event of a stream, likewise: a stream that never separates its events is cut here.
     max_event_bytes: Annotated[int, Meta(ge=1024)] = 4 * 1024 * 1024
+    # Waiting for the response's headers once the request is sent; unset: timeout_read_s.
+    timeout_headers_s: PositiveFloat | None = None
+    # A pooled keep-alive connection unused this long is closed.
+    keepalive_s: PositiveFloat = 30.0
+    # An egress HTTP proxy (CONNECT for https); unset: HTTPS_PROXY / HTTP_PROXY and NO_PROXY
+    # from the environment; "" means none.
+    proxy: str | None = None
+    # The CA bundle that signs this upstream's certificate; unset: the system's CAs.
+    ca_file: str | None = None
 
 
 class ProviderSettings(UpstreamSettings, tag_field="kind", tag="openai"):
@@ -240,6 +249,15 @@ class MetricsSettings(Struct, kw_only=True, forbid_unknown_fields=True):
     listen: str = ""
 
 
+class AdminPageSettings(Struct, kw_only=True, forbid_unknown_fields=True):
+    # The admin page under /admin/ (the JSON admin API under /admin/api/ is always there).
+    enabled: bool = True
+    # How long a login lasts: at most this, and never past the token's own expiry (8 h at most).
+    session_ttl_s: Annotated[float, Meta(gt=0, le=28_800)] = 28_800.0
+    # Sessions kept in this process when there is no Redis; the oldest go first.
+    max_sessions: Annotated[int, Meta(ge=1, le=100_000)] = 1000
+
+
 class Settings(Struct, kw_only=True, forbid_unknown_fields=True):
     server: ServerSettings = msgspec.field(default_factory=ServerSettings)
     providers: dict[str, AnyProvider] = {}
@@ -250,6 +268,7 @@ class Settings(Struct, kw_only=True, forbid_unknown_fields=True):
     routing: RoutingSettings = msgspec.field(default_factory=RoutingSettings)
     cache: CacheSettings = msgspec.field(default_factory=CacheSettings)
     metrics: MetricsSettings = msgspec.field(default_factory=MetricsSettings)
+    admin_page: AdminPageSettings = msgspec.field(default_factory=AdminPageSettings)
     # Filled in by load(): never read from the file.
     source: str = "<memory>"
     api_keys: dict[str, Secret] = {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 from aiohttp import web
 
-from sidecar.api.admin_engines import local_backends
+from sidecar.api.admin_changes import local_backends
 from sidecar.api.http import JSON
 from sidecar.appkeys import READINESS, VERIFIER
 from sidecar.engines.worker import ThreadedEngine

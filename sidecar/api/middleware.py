@@ -127,7 +127,9 @@ class Guard:
 
     @staticmethod
     def applies(path: str) -> bool:
-        return path.startswith(("/v1/", "/admin"))
+        # The admin page under /admin/ checks its own session (sidecar/api/admin_page_access.py):
+        # a browser holds a cookie there, never a token.
+        return path.startswith(("/v1/", "/admin/api/")) or path == "/admin/api"
 
     async def admit(self, request: web.Request, context: RequestContext) -> None:
         """Raise the refusal, or count the request in (then `release` must follow)."""
@@ -177,14 +179,8 @@ class BrowserCheck:
         self._seen: set[str] = set()  # Host headers already found to name this server
 
     def check(self, request: web.Request) -> None:
+        self.check_origin(request)
         headers = request.headers
-        host = headers.get(hdrs.HOST)
-        if host is not None and host not in self._seen and not self._known_host(host):
-            raise BrowserRefused(f"The Host `{host[:100]}` is not a name of this server; add it "
-                                 "to server.allowed_hosts if it is.", code="host_not_allowed")
-        origin = headers.get(hdrs.ORIGIN)
-        if origin is not None and origin.lower() != f"{request.scheme}://{host}".lower():
-            raise BrowserRefused(f"Requests from the origin `{origin[:100]}` are not accepted.")
         if request.method in _WITH_BODY and request.body_exists:
             # The usual header, as clients write it, needs no parsing.
             if headers.get(hdrs.CONTENT_TYPE) in _PLAIN_JSON:
@@ -193,6 +189,22 @@ class BrowserCheck:
             if kind != "application/json" and not kind.endswith("+json"):
                 raise UnsupportedMediaType(
                     "The body must be JSON, sent with `Content-Type: application/json`.")
+
+    def check_origin(self, request: web.Request) -> None:
+        """The Host is one of this server's names and the Origin, when sent, is this server."""
+        self.check_host(request)
+        headers = request.headers
+        host = headers.get(hdrs.HOST)
+        origin = headers.get(hdrs.ORIGIN)
+        if origin is not None and origin.lower() != f"{request.scheme}://{host}".lower():
+            raise BrowserRefused(f"Requests from the origin `{origin[:100]}` are not accepted.")
+
+    def check_host(self, request: web.Request) -> None:
+        """The Host is one of this server's names (not a rebound DNS name)."""
+        host = request.headers.get(hdrs.HOST)
+        if host is not None and host not in self._seen and not self._known_host(host):
+            raise BrowserRefused(f"The Host `{host[:100]}` is not a name of this server; add it "
+                                 "to server.allowed_hosts if it is.", code="host_not_allowed")
 
     def _known_host(self, host: str) -> bool:
         """A Host header's verdict; the accepted ones are remembered (a few, bounded)."""

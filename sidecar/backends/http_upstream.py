@@ -1,26 +1,29 @@
-"""What every HTTP upstream shares, whatever protocol it speaks: the pooled session, connect
-and idle-read timeouts, retries with backoff before the first byte (honouring a bounded
+"""What every HTTP upstream shares, whatever protocol it speaks: connect, headers and
+idle-read timeouts, retries with backoff before the first byte (honouring a bounded
 Retry-After), answers bounded in size as they arrive, redirects never followed, and the
-upstream's words scrubbed of the operator's key. A subclass says how it authenticates, where a
-call goes and how its streams end."""
+upstream's words scrubbed of the operator's key. The bytes travel on the sidecar's own
+transport (sidecar/transport/), one pooled client per upstream origin. A subclass says how it
+authenticates, where a call goes and how its streams end."""
 
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import logging
 import math
 import random
-import time
 from collections.abc import AsyncGenerator
 from time import perf_counter
-from typing import Any
-
-import aiohttp
-import orjson
+from urllib.parse import urlsplit
 
 from sidecar import __version__
 from sidecar.backends.base import HEARTBEAT, Call
+from sidecar.backends.upstream_answers import (
+    FIELD_CHARS,
+    default_type,
+    error_fields,
+    field,
+    retry_after,
+)
 from sidecar.errors import (
     SidecarError,
     UpstreamError,
@@ -31,23 +34,21 @@ from sidecar.errors import (
 from sidecar.protocol.sse import EventSplitter, EventTooLarge
 from sidecar.security.scrub import byte_forms, scrub, scrub_bytes, secrets_of
 from sidecar.settings import Secret, UpstreamSettings
+from sidecar.transport import Response, UpstreamClient
+from sidecar.transport.errors import (
+    ConnectFailed,
+    ConnectTimeout,
+    Disconnected,
+    HeadersTimeout,
+    ReadTimeout,
+    TransportError,
+)
 
 log = logging.getLogger("sidecar.upstream")
 
-_RETRYABLE_CONNECT = (
-    aiohttp.ClientConnectorError,
-    aiohttp.ConnectionTimeoutError,
-    aiohttp.ServerDisconnectedError,
-    aiohttp.ClientOSError,
-)
 _BACKOFF_BASE_S = 0.25
 _BACKOFF_CAP_S = 8.0
 _ERROR_BODY_LIMIT = 64 * 1024
-# An upstream asking for a longer wait is passed on as asking for this; the router rests a
-# target at most `routing.max_rest_s` whatever it asks.
-_RETRY_AFTER_CAP_S = 86_400.0
-# Upstream words quoted in a short field (an error's type, code or param, a Content-Type).
-_FIELD_CHARS = 100
 
 
 class HttpUpstream:
@@ -55,55 +56,63 @@ class HttpUpstream:
     stream_end = "[DONE]"
 
     def __init__(self, name: str, settings: UpstreamSettings, base_url: str,
-                 api_key: Secret | None, session: aiohttp.ClientSession,
+                 api_key: Secret | None, client: UpstreamClient,
                  heartbeat_s: float) -> None:
         self.name = name
-        self._base = base_url.rstrip("/")
-        self._session = session
+        # The path the base URL names (e.g. /v1); the origin is the client's.
+        self._base = urlsplit(base_url).path.rstrip("/")
+        self._client = client
         self._settings = settings
         self._heartbeat_s = heartbeat_s
+        # The compressed bytes, if an upstream sends them anyway, are inflated and counted.
         headers = {
             "User-Agent": f"llm-sidecar/{__version__}",
             **settings.headers,
             "Content-Type": "application/json",
+            "Accept-Encoding": "identity",
         }
         if api_key is not None:
             headers.update(self.auth_headers(api_key.reveal()))
         self._headers = headers
+        self._fixed: bytes | None = None  # the headers, encoded at the first request
         # What must never come back out of this upstream's answers: its key, and the values of
         # the headers configured for it.
         self._secrets = secrets_of(
             [api_key.reveal() if api_key is not None else None, *settings.headers.values()])
         self._secret_bytes = byte_forms(self._secrets)
-        self._timeout = aiohttp.ClientTimeout(
-            total=None,
-            sock_connect=settings.timeout_connect_s,
-            sock_read=settings.timeout_read_s,
-        )
+        self._idle_s = settings.timeout_read_s
+        self._headers_s = settings.timeout_headers_s or settings.timeout_read_s
 
     def auth_headers(self, key: str) -> dict[str, str]:  # the headers that carry the key
         raise NotImplementedError
 
-    def url(self, call: Call) -> str:  # where a call is sent
+    def path(self, call: Call) -> str:  # where a call is sent, below the origin
         raise NotImplementedError
 
     def ends(self, data: bytes) -> bool:  # the stream's last event (not passed on)
         raise NotImplementedError
 
     async def close(self) -> None:
-        """The session belongs to the app, which closes it."""
+        """The client belongs to the app, which closes it."""
 
-    async def _probe(self, url: str) -> bool:
-        """GET url: any answer below 500 means the upstream is there."""
+    def _header_block(self) -> bytes:
+        if self._fixed is None:
+            self._fixed = self._client.header_block(self._headers)
+        return self._fixed
+
+    async def _probe(self, path: str) -> bool:
+        """GET path: any answer below 500 means the upstream is there."""
+        response: Response | None = None
         try:
-            async with self._session.get(
-                url,
-                headers=self._headers,
-                allow_redirects=False,
-                timeout=aiohttp.ClientTimeout(total=self._settings.timeout_connect_s + 2),
-            ) as response:
-                return response.status < 500
-        except (aiohttp.ClientError, TimeoutError):
+            async with asyncio.timeout(self._settings.timeout_connect_s + 2):
+                response = await self._client.request(
+                    "GET", path, self._header_block(), headers_timeout_s=self._headers_s)
+                await response.read_all(self._idle_s, _ERROR_BODY_LIMIT)
+            response.release()
+            return response.status < 500
+        except (TransportError, TimeoutError):
+            if response is not None:
+                response.close()
             return False
 
     async def complete(self, call: Call) -> bytes:
@@ -113,11 +122,11 @@ class HttpUpstream:
         try:
             body = await self._read_body(response)
             whole = True
-        except aiohttp.SocketTimeoutError:
+        except ReadTimeout:
             raise self._read_timeout() from None
-        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+        except TransportError as exc:
             raise UpstreamError(
-                f"The upstream `{self.name}` broke off its answer: {type(exc).__name__}."
+                f"The upstream `{self.name}` broke off its answer: {exc}."
             ) from None
         finally:
             call.timing.upstream += perf_counter() - started
@@ -127,7 +136,7 @@ class HttpUpstream:
                 response.release()
             else:
                 response.close()
-        # The length was checked by the HTTP client; this catches an HTML error page or a
+        # The length was checked as it arrived; this catches an HTML error page or a
         # proxy's banner without parsing every answer twice.
         if body[:1] != b"{" or body[-1:] != b"}":
             body = body.strip()
@@ -137,17 +146,17 @@ class HttpUpstream:
             )
         return body
 
-    async def _read_body(self, response: aiohttp.ClientResponse) -> bytes:
-        """The whole answer, counted as it arrives after decompression (the HTTP client
-        inflates it for us): a few compressed kilobytes may inflate to gigabytes."""
+    async def _read_body(self, response: Response) -> bytes:
+        """The whole answer, counted as it arrives after decompression: a few compressed
+        kilobytes may inflate to gigabytes."""
         limit = self._settings.max_response_bytes
         length = response.content_length
-        if length is not None and length > limit and "Content-Encoding" not in response.headers:
+        if length is not None and length > limit and "content-encoding" not in response.headers:
             raise self._too_large(limit)
-        content = response.content
         chunks: list[bytes] = []
         size = 0
-        while chunk := await content.readany():
+        idle = self._idle_s
+        while chunk := await response.read(idle):
             size += len(chunk)
             if size > limit:
                 raise self._too_large(limit)
@@ -164,9 +173,9 @@ class HttpUpstream:
         response = await self._send(call)
         finished = False
         try:
-            kind = response.headers.get("Content-Type", "")
+            kind = response.headers.get("content-type", "")
             if not kind.startswith("text/event-stream"):
-                kind = scrub(kind[:_FIELD_CHARS], self._secrets)
+                kind = scrub(kind[:FIELD_CHARS], self._secrets)
                 raise UpstreamError(
                     f"The upstream `{self.name}` did not answer a streaming request with an "
                     f"event stream (Content-Type: {kind or 'none'})."
@@ -174,26 +183,24 @@ class HttpUpstream:
             limit = self._settings.max_event_bytes
             splitter = EventSplitter(limit)
             secrets = self._secret_bytes
-            content = response.content
             timing = call.timing
             heartbeat = self._heartbeat_s
+            idle = self._idle_s
             while True:
                 started = perf_counter()
                 try:
-                    async with asyncio.timeout(heartbeat):
-                        chunk = await content.readany()
-                except aiohttp.SocketTimeoutError:
+                    chunk = await response.read(idle, heartbeat)
+                except ReadTimeout:
                     raise self._read_timeout() from None
-                except TimeoutError:
-                    timing.upstream += perf_counter() - started
-                    yield HEARTBEAT
-                    continue
-                except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+                except TransportError as exc:
                     raise UpstreamError(
                         f"The connection to the upstream `{self.name}` broke mid-stream: "
-                        f"{type(exc).__name__}."
+                        f"{exc}."
                     ) from None
                 timing.upstream += perf_counter() - started
+                if chunk is None:  # silent for a heartbeat's time
+                    yield HEARTBEAT
+                    continue
                 if not chunk:
                     raise UpstreamError(
                         f"The upstream `{self.name}` ended the stream without "
@@ -219,30 +226,32 @@ class HttpUpstream:
                         f"bytes (providers.{self.name}.max_event_bytes)."
                     )
         finally:
-            # A stream we leave early (client gone, error) drops the connection, which is
-            # how the upstream learns to stop generating.
+            # A stream we leave early (client gone, error) aborts the connection, which is
+            # how the upstream learns to stop generating. One that ended cleanly may still
+            # hold the chunked body's last bytes: it is kept once they are in.
             if finished:
-                response.release()
+                response.release_at_end()
             else:
                 response.close()
 
-    async def _send(self, call: Call) -> aiohttp.ClientResponse:
-        url = self.url(call)
-        headers = {**self._headers, "X-Request-Id": call.request_id}
+    async def _send(self, call: Call) -> Response:
+        path = self.path(call)
+        rid = call.request_id
+        extra = (b"X-Request-Id: " + rid.encode("latin-1", "replace") + b"\r\n"
+                 if "\r" not in rid and "\n" not in rid else b"")
+        fixed = self._header_block()
         attempt = 0
         while True:
             started = perf_counter()
             try:
                 # A redirect is never followed: it would re-send the prompt, and the configured
                 # headers, to a host the operator never named.
-                response = await self._session.post(
-                    url, data=call.body, headers=headers, timeout=self._timeout,
-                    allow_redirects=False,
-                )
-            except aiohttp.SocketTimeoutError:
+                response = await self._client.request(
+                    "POST", path, fixed, call.body, extra, headers_timeout_s=self._headers_s)
+            except HeadersTimeout:
                 call.timing.upstream += perf_counter() - started
                 raise self._read_timeout() from None
-            except _RETRYABLE_CONNECT as exc:
+            except (ConnectFailed, Disconnected) as exc:
                 call.timing.upstream += perf_counter() - started
                 if attempt >= self._settings.max_retries or not call.may_retry():
                     raise self._unreachable(exc) from None
@@ -253,6 +262,10 @@ class HttpUpstream:
                                       "attempt": attempt + 1, "delay_s": round(delay, 3),
                                       "request_id": call.request_id}},
                 )
+            except TransportError as exc:
+                call.timing.upstream += perf_counter() - started
+                raise UpstreamError(f"The upstream `{self.name}` answered with something "
+                                    f"that is not a valid HTTP response: {exc}.") from None
             else:
                 call.timing.upstream += perf_counter() - started
                 status = response.status
@@ -265,7 +278,7 @@ class HttpUpstream:
                         f"The upstream `{self.name}` answered HTTP {status}, a redirect, which "
                         f"the sidecar does not follow; check providers.{self.name}.base_url."
                     )
-                asked = _retry_after(response.headers)
+                asked = retry_after(response.headers)
                 error = await self._status_error(response, asked)
                 retryable = status == 429 or status >= 500
                 delay = _backoff(attempt) if asked is None else asked
@@ -287,17 +300,12 @@ class HttpUpstream:
             await asyncio.sleep(delay)
             call.timing.upstream += perf_counter() - waited
 
-    async def _status_error(self, response: aiohttp.ClientResponse,
+    async def _status_error(self, response: Response,
                             asked: float | None) -> SidecarError:
         status = response.status
-        try:
-            raw = await response.content.read(_ERROR_BODY_LIMIT)
-        except (aiohttp.ClientError, TimeoutError):
-            raw = b""
-        finally:
-            response.close()
+        raw = await self._error_body(response)
         upstream = {key: scrub(str(value), self._secrets)
-                    for key, value in _error_fields(raw).items() if value is not None}
+                    for key, value in error_fields(raw).items() if value is not None}
         headers = {}
         if asked is not None:  # as a number the client can use, whatever the upstream wrote
             headers["Retry-After"] = str(math.ceil(asked))
@@ -312,9 +320,9 @@ class HttpUpstream:
             )
         if status < 500:
             message = upstream.get("message") or f"The upstream `{self.name}` answered {status}."
-            kind = upstream.get("type", "")[:_FIELD_CHARS] or _default_type(status)
-            return UpstreamStatus(status, message, kind, param=_field(upstream.get("param")),
-                                  code=_field(upstream.get("code")), headers=headers)
+            kind = upstream.get("type", "")[:FIELD_CHARS] or default_type(status)
+            return UpstreamStatus(status, message, kind, param=field(upstream.get("param")),
+                                  code=field(upstream.get("code")), headers=headers)
         detail = upstream.get("message")
         message = f"The upstream `{self.name}` answered HTTP {status}" + (
             f": {detail}" if detail else "."
@@ -329,71 +337,31 @@ class HttpUpstream:
         return UpstreamTimeout(f"The upstream `{self.name}` sent nothing for "
                                f"{self._settings.timeout_read_s:g}s.")
 
-    def _unreachable(self, exc: Exception) -> UpstreamError:
-        if isinstance(exc, aiohttp.ConnectionTimeoutError):
+    async def _error_body(self, response: Response) -> bytes:
+        """The first 64 KiB of an error answer; the connection is kept only if that was all."""
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            while size < _ERROR_BODY_LIMIT and (chunk := await response.read(self._idle_s)):
+                chunks.append(chunk)
+                size += len(chunk)
+        except TransportError:
+            response.close()
+            return b"".join(chunks)[:_ERROR_BODY_LIMIT]
+        if size < _ERROR_BODY_LIMIT:
+            response.release()
+        else:
+            response.close()
+        return b"".join(chunks)[:_ERROR_BODY_LIMIT]
+
+    def _unreachable(self, exc: TransportError) -> UpstreamError:
+        if isinstance(exc, ConnectTimeout):
             return UpstreamTimeout(
                 f"Could not connect to the upstream `{self.name}` within "
                 f"{self._settings.timeout_connect_s:g}s."
             )
-        return UpstreamUnreachable(f"Could not reach the upstream `{self.name}`: "
-                                   f"{type(exc).__name__}.")
+        return UpstreamUnreachable(f"Could not reach the upstream `{self.name}`: {exc}.")
 
 
 def _backoff(attempt: int) -> float:
     return min(_BACKOFF_CAP_S, _BACKOFF_BASE_S * (1 << attempt)) * random.uniform(0.5, 1.5)
-
-
-def _retry_after(headers: Any) -> float | None:
-    """Seconds to wait from `retry-after-ms` or `Retry-After` (seconds or an HTTP date), at
-    most a day; None when neither says a number of seconds we can use (junk, negative, not
-    finite), so the caller's own backoff applies."""
-    value = headers.get("retry-after-ms")
-    if value is not None:
-        milliseconds = _seconds(value)
-        if milliseconds is not None:
-            return min(milliseconds / 1000.0, _RETRY_AFTER_CAP_S)
-    value = headers.get("Retry-After")
-    if value is None:
-        return None
-    seconds = _seconds(value)
-    if seconds is None:
-        try:
-            seconds = max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
-        except (TypeError, ValueError, IndexError, OverflowError, OSError):
-            return None
-    return min(seconds, _RETRY_AFTER_CAP_S)
-
-
-def _seconds(value: str) -> float | None:
-    try:
-        number = float(value)
-    except ValueError:
-        return None
-    return number if math.isfinite(number) and number >= 0 else None
-
-
-def _error_fields(raw: bytes) -> dict[str, Any]:
-    """The `error` object of an error body, OpenAI's or Anthropic's (both nest it there)."""
-    try:
-        parsed = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return {}
-    if isinstance(parsed, dict):
-        error = parsed.get("error")
-        if isinstance(error, dict):
-            return error
-        if isinstance(error, str):
-            return {"message": error}
-    return {}
-
-
-def _default_type(status: int) -> str:
-    if status == 429:
-        return "rate_limit_error"
-    if status == 404:
-        return "not_found_error"
-    return "invalid_request_error"
-
-
-def _field(value: str | None) -> str | None:
-    return value if value is None else value[:_FIELD_CHARS]

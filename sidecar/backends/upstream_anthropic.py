@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator
 
-import aiohttp
 import orjson
 
 from sidecar.backends.base import HEARTBEAT, Call
 from sidecar.backends.http_upstream import HttpUpstream
 from sidecar.errors import UpstreamError
 from sidecar.settings import AnthropicProviderSettings, Secret
+from sidecar.transport import UpstreamClient
 
 # What Anthropic's events start with, as it writes them; the `data` of an error event, and of
 # the events that come before the answer's first word.
@@ -29,15 +29,15 @@ class AnthropicUpstream(HttpUpstream):
     protocol = "anthropic"
 
     def __init__(self, name: str, settings: AnthropicProviderSettings, api_key: Secret | None,
-                 session: aiohttp.ClientSession, heartbeat_s: float) -> None:
-        super().__init__(name, settings, settings.base_url, api_key, session, heartbeat_s)
+                 client: UpstreamClient, heartbeat_s: float) -> None:
+        super().__init__(name, settings, settings.base_url, api_key, client, heartbeat_s)
         self._headers["anthropic-version"] = settings.anthropic_version
         self.default_max_tokens: int | None = settings.default_max_tokens
 
     def auth_headers(self, key: str) -> dict[str, str]:
         return {"x-api-key": key}
 
-    def url(self, call: Call) -> str:
+    def path(self, call: Call) -> str:
         # "messages" or "messages/count_tokens"
         return f"{self._base}/v1/{call.endpoint}"
 

@@ -6,12 +6,11 @@ shares with other upstreams: sidecar/backends/http_upstream.py)."""
 
 from __future__ import annotations
 
-import aiohttp
-
 from sidecar.backends.base import Call
 from sidecar.backends.http_upstream import HttpUpstream
 from sidecar.protocol.sse import DONE
 from sidecar.settings import ProviderSettings, Secret
+from sidecar.transport import UpstreamClient
 
 
 class OpenAIUpstream(HttpUpstream):
@@ -19,13 +18,13 @@ class OpenAIUpstream(HttpUpstream):
     default_max_tokens: int | None = None  # OpenAI's API needs no limit
 
     def __init__(self, name: str, settings: ProviderSettings, api_key: Secret | None,
-                 session: aiohttp.ClientSession, heartbeat_s: float) -> None:
-        super().__init__(name, settings, settings.base_url, api_key, session, heartbeat_s)
+                 client: UpstreamClient, heartbeat_s: float) -> None:
+        super().__init__(name, settings, settings.base_url, api_key, client, heartbeat_s)
 
     def auth_headers(self, key: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {key}"}
 
-    def url(self, call: Call) -> str:
+    def path(self, call: Call) -> str:
         return f"{self._base}/{call.endpoint}"
 
     def ends(self, data: bytes) -> bool:

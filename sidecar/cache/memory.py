@@ -38,6 +38,17 @@ class MemoryCache:
         self._entries.move_to_end(key)
         return body
 
+    def drop(self, tenant: str | None = None) -> int:
+        """Forget every kept answer, or one tenant's; returns how many were dropped."""
+        if tenant is None:
+            dropped = len(self._entries)
+            self._entries.clear()
+            return dropped
+        keys = [key for key, (_, owner, _) in self._entries.items() if owner == tenant]
+        for key in keys:
+            del self._entries[key]
+        return len(keys)
+
     def put(self, key: str, tenant: str, body: Record) -> None:
         self._entries[key] = (time.monotonic() + self._ttl, tenant, body)
         self._entries.move_to_end(key)

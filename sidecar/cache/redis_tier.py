@@ -90,8 +90,41 @@ class RedisTier:
         value = await self._call("GET", self._prefix + key)
         return value if isinstance(value, bytes) else None
 
-    async def set(self, key: str, value: bytes, ttl_s: float) -> None:
-        await self._call("SET", self._prefix + key, value, "PX", max(1, int(ttl_s * 1000)))
+    async def set(self, key: str, value: bytes, ttl_s: float) -> bool:
+        """True once Redis has it; False when it did not answer in time (or the circuit is
+        open)."""
+        reply = await self._call("SET", self._prefix + key, value, "PX",
+                                 max(1, int(ttl_s * 1000)))
+        return reply is not None
+
+    async def delete(self, key: str) -> bool:
+        """True once Redis has deleted it (or never had it)."""
+        return await self._call("DEL", self._prefix + key) is not None
+
+    async def drop_answers(self, within_s: float = 10.0, batch: int = 500) -> int | None:
+        """Delete every kept answer (keys of 64 hex digits under the prefix, not locks,
+        sessions or limits), a batch per command so that Redis serves others in between.
+        Returns how many, or None when Redis failed or `within_s` ran out before the end. Not
+        on a cluster, whose nodes each hold a part."""
+        if self._cluster:
+            return None
+        deadline = time.monotonic() + within_s
+        pattern = self._prefix + "[0-9a-f]" * 64
+        cursor: Any = 0
+        dropped = 0
+        while time.monotonic() < deadline:
+            reply = await self._call("SCAN", cursor, "MATCH", pattern, "COUNT", batch)
+            if reply is None:
+                return None
+            cursor, keys = reply
+            if keys:
+                removed = await self._call("UNLINK", *keys)
+                if removed is None:
+                    return None
+                dropped += int(removed)
+            if int(cursor) == 0:
+                return dropped
+        return None
 
     def describe(self) -> dict[str, Any]:
         return {"healthy": self.healthy, "failures": self.failures,

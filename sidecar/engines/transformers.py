@@ -84,6 +84,7 @@ class TransformersEngine(ThreadedEngine):
         self._batch = KVBatch()  # worker thread only
         self._configured_seq_len = self.max_seq_len
         self._configured_batch = self.max_batch_size
+        self.weights_bytes = 0  # the loaded model's parameters, as held in memory
 
     # -- loading (in a thread) ---------------------------------------------------------
 
@@ -103,6 +104,7 @@ class TransformersEngine(ThreadedEngine):
         network = AutoModelForCausalLM.from_pretrained(
             path, dtype=getattr(torch, self.dtype), local_files_only=True)
         network.eval()  # type: ignore[no-untyped-call]
+        self.weights_bytes = sum(p.numel() * p.element_size() for p in network.parameters())
         config = network.config
         limit = getattr(config, "max_position_embeddings", None) or self._configured_seq_len
         self.max_seq_len = min(self._configured_seq_len, int(limit))
@@ -129,6 +131,7 @@ class TransformersEngine(ThreadedEngine):
         )
 
     def _unload(self) -> None:
+        self.weights_bytes = 0
         self._loaded = None
         self.prompting = None
         self._batch = KVBatch()
@@ -143,7 +146,7 @@ class TransformersEngine(ThreadedEngine):
             os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "dtype": self.dtype}
+        return {**super().describe(), "dtype": self.dtype, "weights_bytes": self.weights_bytes}
 
     # -- the loop's side ---------------------------------------------------------------
 

@@ -48,6 +48,8 @@ TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1
 TOKEN_BUCKETS = (1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0,
                  1048576.0, 4194304.0, 16777216.0, 67108864.0)
 
+
+
 # The path of each front door's endpoint: (front door, gen_ai.operation.name).
 OPERATIONS = {
     "/v1/chat/completions": ("openai", "chat"),
@@ -70,6 +72,7 @@ def _codes(kind: type[SidecarError]) -> Iterator[str]:
 
 
 _STREAM_ERRORS = frozenset(["client_gone", *_codes(SidecarError)])
+_CACHE_STATES = frozenset(["", "hit", "miss", "bypass"])
 
 Key = tuple[str, ...]
 
@@ -106,7 +109,7 @@ class _Shape:
     """The rows one kind of request moves (same operation, model, target, status, stream and
     ending), found once and kept: a request then costs a look-up and a few additions."""
 
-    __slots__ = ("disconnects", "duration", "failed", "requests", "selected", "target",
+    __slots__ = ("disconnects", "duration", "failed", "model", "requests", "selected", "target",
                  "tokens_cached", "tokens_in", "tokens_out", "tpot", "ttft", "upstream",
                  "window")
 
@@ -114,6 +117,7 @@ class _Shape:
     duration: list[float]
     window: tuple[list[int], list[list[int]]]
     failed: int
+    model: str
     target: str
     disconnects: list[int] | None
     selected: list[int] | None  # the rest only for a request a target answered
@@ -171,6 +175,7 @@ class Metrics:
         self.histograms = {name: Histogram(spec[2]) for name, spec in HISTOGRAMS.items()}
         self.windows = Windows()
         self._shapes: dict[tuple[Any, ...], _Shape] = {}
+        self._known: dict[tuple[Any, ...], _Shape] = {}  # by the record's own values
         self.tls_cert = settings.server.tls_cert
         self._expiry: dict[tuple[str, float], float] = {}  # the render thread's alone
 
@@ -184,12 +189,66 @@ class Metrics:
                 error: SidecarError | None) -> None:
         """Count one finished request (its answer written, failed, or abandoned: 499)."""
         now = perf_counter()
+        record = context.record
+        # Most requests repeat one of a few shapes: one look-up by what the record says.
+        shape = self._known.get((path, record.model, record.target, status, record.stream,
+                                 record.stream_error, record.cache))
+        if shape is None:
+            shape = self._shape_of(path, record, status)
+            if shape is None:
+                return  # health checks, the admin API and scrapes are not traffic
+        elapsed = now - context.timing.start
+        shape.requests[0] += 1
+        row = shape.duration
+        row[bisect_left(DURATION_BUCKETS, elapsed)] += 1
+        row[-1] += elapsed
+        slot = int(now // SLOT_S)
+        stamps, rows = shape.window
+        i = slot % SLOTS
+        if stamps[i] != slot:
+            stamps[i] = slot
+            rows[i] = [0] * ROW
+        counts = rows[i]
+        counts[0] += 1
+        counts[1] += shape.failed
+        counts[2 + bisect_left(LATENCY_BOUNDS, elapsed)] += 1
+        if error is not None or shape.disconnects is not None or record.fallback_from \
+                or record.spill_over_from:
+            self._rarer(record, error, shape, slot)
+        if shape.selected is None:
+            return
+        shape.selected[0] += 1
+        waited = context.timing.upstream
+        row = shape.upstream
+        row[bisect_left(DURATION_BUCKETS, waited)] += 1
+        row[-1] += waited
+        first = record.first_byte_s
+        if shape.ttft is not None and first is not None:
+            _add(shape.ttft, TTFT_BUCKETS, first)
+        usage = record.usage
+        if usage is not None:
+            tokens = usage[0]
+            row = shape.tokens_in
+            row[bisect_left(TOKEN_BUCKETS, tokens)] += 1
+            row[-1] += tokens
+            tokens = usage[1]
+            row = shape.tokens_out
+            row[bisect_left(TOKEN_BUCKETS, tokens)] += 1
+            row[-1] += tokens
+            if usage[3] >= 0:  # the answer said how many prompt tokens came from a cache
+                _add(shape.tokens_cached, TOKEN_BUCKETS, usage[3])
+            if shape.tpot is not None and first is not None and usage[1] > 1:
+                _add(shape.tpot, TPOT_BUCKETS, (elapsed - first) / (usage[1] - 1))
+
+    def _shape_of(self, path: str, record: RequestRecord, status: int) -> _Shape | None:
+        """The shape of a request not seen before: its labels made bounded (a model nobody
+        configured is `other`), and kept under the record's own values only when those are
+        already bounded, so that no client-chosen string grows the table."""
         operation = OPERATIONS.get(path)
         if operation is None:
             if not path.startswith("/v1/"):
-                return  # health checks, the admin API and scrapes are not traffic
+                return None
             operation = _OTHER_API
-        record = context.record
         model = record.model
         if model not in self.models:
             model = "other" if model else ""
@@ -202,43 +261,19 @@ class Metrics:
         shape = self._shapes.get(key)
         if shape is None:
             shape = self._shapes[key] = self._shape(*key)
-        elapsed = now - context.timing.start
-        shape.requests[0] += 1
-        _add(shape.duration, DURATION_BUCKETS, elapsed)
-        slot = int(now // SLOT_S)
-        stamps, rows = shape.window
-        i = slot % SLOTS
-        if stamps[i] != slot:
-            stamps[i] = slot
-            rows[i] = [0] * ROW
-        row = rows[i]
-        row[0] += 1
-        row[1] += shape.failed
-        row[2 + bisect_left(LATENCY_BOUNDS, elapsed)] += 1
-        if error is not None or shape.disconnects is not None or record.fallback_from \
-                or record.spill_over_from:
-            self._rarer(record, error, shape, model, slot)
-        if shape.selected is None:
-            return
-        shape.selected[0] += 1
-        _add(shape.upstream, DURATION_BUCKETS, context.timing.upstream)
-        first = record.first_byte_s
-        if shape.ttft is not None and first is not None:
-            _add(shape.ttft, TTFT_BUCKETS, first)
-        usage = record.usage
-        if usage is not None:
-            _add(shape.tokens_in, TOKEN_BUCKETS, usage[0])
-            _add(shape.tokens_out, TOKEN_BUCKETS, usage[1])
-            if usage[3] >= 0:  # the answer said how many prompt tokens came from a cache
-                _add(shape.tokens_cached, TOKEN_BUCKETS, usage[3])
-            if shape.tpot is not None and first is not None and usage[1] > 1:
-                _add(shape.tpot, TPOT_BUCKETS, (elapsed - first) / (usage[1] - 1))
+        if operation is not _OTHER_API and model == record.model and ended == record.stream_error \
+                and (not record.target or record.target in self.targets) \
+                and record.cache in _CACHE_STATES and 100 <= status <= 599:
+            self._known[(path, record.model, record.target, status, record.stream,
+                         record.stream_error, record.cache)] = shape
+        return shape
 
     def _shape(self, operation: tuple[str, str], model: str, served: str, status: int,
                stream: bool, ended: str, hit: bool) -> _Shape:
         door, name = operation
         counters, histograms = self.counters, self.histograms
         shape = _Shape()
+        shape.model = model
         shape.requests = _cell(counters["llm_sidecar_requests"], (
             door, name, model, f"{status // 100}xx", "true" if stream else "false"))
         target = shape.target = self._target(served) if served else ("cache" if hit else "none")
@@ -267,7 +302,7 @@ class Metrics:
         return shape
 
     def _rarer(self, record: RequestRecord, error: SidecarError | None, shape: _Shape,
-               model: str, slot: int) -> None:
+               slot: int) -> None:
         """Refusals, disconnects, fallbacks and spill-overs: not on every request."""
         counters = self.counters
         if isinstance(error, RateLimited):
@@ -282,7 +317,7 @@ class Metrics:
             before = self._target(label)
             if shape.selected is not None:
                 _cell(counters["llm_sidecar_fallbacks"], (before, shape.target))[0] += 1
-            row = self.windows.row(model, before, slot)
+            row = self.windows.row(shape.model, before, slot)
             row[0] += 1
             row[1] += 1
         if shape.selected is not None:

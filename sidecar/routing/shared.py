@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 
 from sidecar.errors import InvalidRequest
+from sidecar.observability.audit import Actor, AuditTrail
 from sidecar.routing.state import RouteState
 from sidecar.routing.table import RouteTable
 
@@ -23,7 +24,7 @@ CHANNEL = "sc:routes"
 
 class RouteSync:
     def __init__(self, url: str, table: RouteTable, state: RouteState, timeout_s: float,
-                 secret: bytes) -> None:
+                 secret: bytes, audit: AuditTrail | None = None) -> None:
         import redis.asyncio as aioredis
 
         # Messages are signed with the fleet's secret: whoever can write to the Redis but
@@ -33,6 +34,7 @@ class RouteSync:
         self._redis: Any = aioredis.Redis.from_url(url, socket_connect_timeout=timeout_s)
         self._table = table
         self._state = state
+        self._audit = audit or AuditTrail()
         self._timeout = max(timeout_s, 0.5)
         self.origin = os.urandom(8).hex()  # this process: its own messages are not applied
 
@@ -93,9 +95,9 @@ class RouteSync:
                 return
             state.changed[model] = after
             await asyncio.to_thread(state.write)
-        logging.getLogger("sidecar.audit").info("routes changed", extra={"fields": {
-            "who": f"sidecar {origin}", "model": model, "before": before, "after": after,
-            "via": "redis"}})
+        # Kept with this sidecar's own changes: its admin page shows who changed what.
+        self._audit.record("routes changed", Actor(f"sidecar {str(origin)[:16]}", None, ""),
+                           model, before, after, model=model, via="redis")
 
     async def close(self) -> None:
         await self._redis.aclose()

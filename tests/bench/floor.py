@@ -1,5 +1,6 @@
 """The floor for this stack: a bare aiohttp pass-through proxy on uvloop, one pooled client
-session, no validation, no routing, no logging."""
+session, no validation, no routing, no logging. A streaming request's bytes are passed on as
+aiohttp's client hands them over."""
 
 from __future__ import annotations
 
@@ -19,14 +20,22 @@ def create(upstream: str) -> web.Application:
         yield
         await app[SESSION].close()
 
-    async def proxy(request: web.Request) -> web.Response:
+    async def proxy(request: web.Request) -> web.StreamResponse:
         body = await request.read()
         async with request.app[SESSION].post(
             upstream + "/chat/completions", data=body,
             headers={"Content-Type": "application/json"},
         ) as response:
-            return web.Response(body=await response.read(), status=response.status,
-                                content_type="application/json")
+            if b'"stream":true' not in body:
+                return web.Response(body=await response.read(), status=response.status,
+                                    content_type="application/json")
+            streamed = web.StreamResponse(status=response.status,
+                                          headers={"Content-Type": "text/event-stream"})
+            await streamed.prepare(request)
+            async for chunk in response.content.iter_any():
+                await streamed.write(chunk)
+            await streamed.write_eof()
+            return streamed
 
     app = web.Application()
     app.cleanup_ctx.append(session)

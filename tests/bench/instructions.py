@@ -9,6 +9,7 @@ excluded. It needs valgrind (Debian package `valgrind`) and takes about a minute
 
     python -m tests.bench.instructions --requests 300 7051ac3 HEAD
     python -m tests.bench.instructions --extra '[metrics]\\nenabled = false' .
+    python -m tests.bench.instructions floor .     # the bare aiohttp proxy beside this tree
 """
 
 from __future__ import annotations
@@ -38,17 +39,20 @@ from tests.bench.gateway import (
 )
 
 
-def instructions(tree: Path, requests: int, mock: int, extra: str) -> int:
+def instructions(tree: Path | None, requests: int, mock: int, extra: str) -> int:
+    """Instructions of one server run; `tree` None: the bare aiohttp proxy (the floor)."""
     work = Path(tempfile.mkdtemp(prefix="sidecar-callgrind-"))
     port = free_port()
     config = work / "sidecar.toml"
     config.write_text(SIDECAR_CONFIG.format(port=port, mock=mock, targets=ONE_TARGET) + extra)
     env = {**os.environ, "BENCH_UPSTREAM_KEY": "sk-bench-not-a-real-key"}
+    served = (["sidecar", "serve", "--config", str(config)] if tree is not None else
+              ["tests.bench.floor", f"http://127.0.0.1:{mock}/v1", str(port)])
     with (work / "valgrind.log").open("wb") as log:
         server = subprocess.Popen(
             ["valgrind", "--tool=callgrind", f"--callgrind-out-file={work / 'out'}", PY, "-m",
-             "sidecar", "serve", "--config", str(config)],
-            cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=log)
+             *served],
+            cwd=tree or ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log)
         try:
             wait_port(port, 300)
             asyncio.run(_send(f"http://127.0.0.1:{port}/v1/chat/completions", requests))
@@ -76,7 +80,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("trees", nargs="+", metavar="REV",
-                        help="git revisions, or `.` for this working tree")
+                        help="git revisions, `.` for this working tree, or `floor` for the "
+                        "bare aiohttp proxy of tests/bench/floor.py")
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--extra", default="", help="TOML appended to every sidecar's config")
     args = parser.parse_args()
@@ -87,8 +92,10 @@ def main() -> int:
     try:
         with process([PY, "-m", "tests.bench.mock", str(mock)], LOAD_CPU, mock):
             for rev in args.trees:
-                tree = ROOT
-                if rev != ".":
+                tree: Path | None = ROOT
+                if rev == "floor":
+                    tree = None
+                elif rev != ".":
                     tree = Path(tempfile.mkdtemp(prefix="sidecar-rev-"))
                     subprocess.run(["git", "worktree", "add", "--detach", str(tree), rev],
                                    cwd=ROOT, check=True, capture_output=True)

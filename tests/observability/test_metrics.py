@@ -21,7 +21,6 @@ from prometheus_client.openmetrics.parser import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from sidecar.gateway import usage_of
 from tests.support.sidecar import ROOT, Sidecar, base_config, start_sidecar
 from tests.support.upstream_mock import MockUpstream
 
@@ -354,34 +353,6 @@ def test_every_metric_the_grafana_dashboard_queries_is_exported(metered: Sidecar
             "gen_ai_server_time_to_first_token_seconds_bucket", "gen_ai_client_token_usage_sum",
             "llm_sidecar_cache_requests_total", "llm_sidecar_fallbacks_total",
             "llm_sidecar_engine_queue_depth"} <= queried
-
-
-USAGE = b'"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}'
-
-
-@pytest.mark.parametrize("body", [
-    b'{"id":"x",' + USAGE + b'}',
-    b'{' + USAGE.replace(b":", b" : ", 1) + b', "model": "m"}',
-    # Another "usage" nested after the answer's own (as Groq's x_groq carries one).
-    b'{"id":"x",' + USAGE + b',"x_groq":{"usage":{"total_tokens":99}}}',
-    # The word in the text, escaped, and as the last string of the answer.
-    b'{' + USAGE + b',"choices":[{"message":{"content":"say \\"usage\\": 5"}}]}',
-    b'{' + USAGE + b',"choices":[{"message":{"content":"usage"}}]}',
-])
-def test_the_usage_counted_is_the_answers_own(body: bytes) -> None:
-    assert usage_of(body) == (3, 4, 7, -1)
-
-
-def test_cached_prompt_tokens_are_read_when_the_answer_gives_them() -> None:
-    body = (b'{"usage":{"prompt_tokens":30,"completion_tokens":4,"total_tokens":34,'
-            b'"prompt_tokens_details":{"cached_tokens":24}}}')
-    assert usage_of(body) == (30, 4, 34, 24)
-
-
-@pytest.mark.parametrize("body", [b'{"usage":null}', b'{"usage":{"total_tokens":5}',
-                                  b'["usage"]', b'{"choices":[]}', b""])
-def test_an_answer_without_a_readable_usage_has_none(body: bytes) -> None:
-    assert usage_of(body) is None
 
 
 def gauge(samples: Samples, name: str, **labels: str) -> float:

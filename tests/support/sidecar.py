@@ -128,7 +128,7 @@ def start_sidecar(config_text: str, workdir: Path, env: dict[str, str] | None = 
             [sys.executable, "-m", "sidecar", "serve", "--config", str(config)],
             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=full_env,
         )
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 60  # a loaded 2-core machine can take that long
     while time.monotonic() < deadline:
         text = log_path.read_text(encoding="utf-8", errors="replace")
         found = re.search(r'"address":"(https?://[^"]+)"', text)
