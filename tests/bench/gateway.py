@@ -387,7 +387,7 @@ def main() -> int:
         one_messages = f"http://127.0.0.1:{one_port}/v1/messages"
         plain_lags, _ = asyncio.run(stream_timings(urls["sidecar"], 10, 64, 20))
         crossed_lags, _ = asyncio.run(stream_timings(one_messages, 10, 64, 20, MESSAGES))
-        rows.append(("stream translated (Anthropic in, OpenAI out), p99 ms per chunk",
+        rows.append(("stream translated (Anthropic in, OpenAI out), p99 ms per chunk", "",
                      f"{pct(plain_lags, 0.99):.3f} passed through",
                      f"{pct(crossed_lags, 0.99):.3f}",
                      f"+{pct(crossed_lags, 0.99) - pct(plain_lags, 0.99):.3f} ms", "<= 0.3 ms"))
@@ -474,7 +474,7 @@ def main() -> int:
     return 0
 
 
-def _print(rows: list[tuple[str, str, str, str, str]]) -> None:
+def _print(rows: list[tuple[str, str, str, str, str, str]]) -> None:
     print(f"\nllm-sidecar gateway benchmark  (python {sys.version.split()[0]}, "
           f"{os.cpu_count()} CPUs; servers on CPU {SERVER_CPU}, load on CPU {LOAD_CPU})\n")
     header = ("measure", "direct mock", "floor: bare aiohttp proxy", "llm-sidecar", "ratio",
