@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from sidecar.api import admin, admin_engines, admin_page, health, metrics, openai
+from sidecar.api import admin, admin_engines, admin_page, anthropic, health, metrics, openai
 from sidecar.api.middleware import Guard, make_middleware
 from sidecar.appkeys import (
     AUDIT,
@@ -93,6 +93,7 @@ def create_app(settings: Settings, log_writer: LineWriter | None = None,
     app[CACHE_SECRET] = secret.reveal().encode() if secret is not None \
         else lineage.process_secret
     app.add_routes(openai.routes)
+    app.add_routes(anthropic.routes)
     app.add_routes(admin.routes)
     app.add_routes(admin_engines.routes)
     app.add_routes(health.routes)

@@ -14,12 +14,13 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from time import perf_counter
-from typing import TYPE_CHECKING, Any
-
-import orjson
+from typing import TYPE_CHECKING
 
 from sidecar.backends.base import Backend, Call
+from sidecar.crossing import cross
 from sidecar.errors import ModelNotFound, SidecarError, Spillable
+from sidecar.exchange import OPENAI, Answer, Exchange, first_of
+from sidecar.protocol.anthropic_messages import messages_usage
 from sidecar.protocol.usage import usage_of
 from sidecar.routing.router import Router
 from sidecar.routing.table import Route, RouteTable, Target
@@ -29,68 +30,6 @@ from sidecar.security.limits import Budget, Limiter, SharedBudget
 if TYPE_CHECKING:
     from sidecar.cache.answers import AnswerCache
     from sidecar.observability.record import RequestRecord
-    from sidecar.observability.timing import RequestContext
-
-
-class Exchange:
-    """One client request as the path sees it. `body` is the client's own bytes: a target
-    that speaks the front door's protocol receives them with only `model` rewritten."""
-
-    __slots__ = ("body", "cacheable", "choices", "context", "endpoint", "headers",
-                 "include_usage", "max_output_tokens", "model", "payload", "stream")
-
-    def __init__(self, endpoint: str, body: bytes, payload: dict[str, Any], model: str,
-                 context: RequestContext, headers: Mapping[str, str]) -> None:
-        self.endpoint = endpoint  # "chat/completions", "completions" or "embeddings"
-        self.body = body
-        self.payload = payload
-        self.model = model  # the public model name asked for
-        self.context = context
-        self.headers = headers  # the request's headers (Cache-Control)
-        self.stream = False
-        self.include_usage = False  # a stream's last chunk carries usage
-        # For the token budget: the answer's length limit (None: the configured default;
-        # 0: the endpoint generates nothing) and how many choices it generates.
-        self.max_output_tokens: int | None = 0
-        self.choices = 1
-        self.cacheable = True
-
-    def body_for(self, target: Target) -> bytes:
-        if target.model == self.model:
-            return self.body
-        self.payload["model"] = target.model
-        return orjson.dumps(self.payload)
-
-
-class Answer:
-    """What the path produced: a whole JSON body, or a stream's first event and the rest.
-    Every backend answers in OpenAI's form today (`protocol`); a front door of another
-    protocol translates through sidecar/protocol/openai_chat.py. `close` must be called once
-    the answer is written (or abandoned): it closes the stream and settles the token budget."""
-
-    __slots__ = ("_done", "_settle", "body", "events", "first", "from_cache", "headers",
-                 "protocol")
-
-    def __init__(self, body: bytes = b"", events: AsyncGenerator[bytes, None] | None = None,
-                 first: bytes | None = None) -> None:
-        self.body = body
-        self.events = events  # None for a JSON answer
-        self.first = first  # a stream's first event; None for a stream with no event
-        self.headers: dict[str, str] = {}
-        self.protocol = "openai"
-        self.from_cache = False
-        self._settle: Callable[[], None] | None = None
-        self._done: Callable[[], None] | None = None  # the target's stream is over
-
-    async def close(self) -> None:
-        if self.events is not None:
-            await self.events.aclose()
-        done, self._done = self._done, None
-        if done is not None:
-            done()
-        settle, self._settle = self._settle, None
-        if settle is not None:
-            settle()
 
 
 @dataclass(slots=True)
@@ -126,9 +65,10 @@ class Gateway:
                 answer = await self.cache.answer(exchange, lambda: self.reach(exchange, route))
             if self.count_usage and not answer.from_cache:
                 if answer.events is None:
-                    context.record.usage = usage_of(answer.body)
+                    context.record.usage = usage_of(answer.body) \
+                        if exchange.protocol == OPENAI else messages_usage(answer.body)
                 else:
-                    answer.events = _metered(answer.events, context.record)
+                    answer.events = _metered(answer.events, context.record, exchange.protocol)
             return answer
         return await self._within_budget(exchange, route)
 
@@ -160,11 +100,12 @@ class Gateway:
             budget.give_back(tenant, reserved)
             return answer
         if answer.events is None:
-            record.usage = usage_of(answer.body)
+            record.usage = usage_of(answer.body) if exchange.protocol == OPENAI \
+                else messages_usage(answer.body)
             used = record.usage[2] if record.usage is not None else reserved
             budget.give_back(tenant, reserved - used)
             return answer
-        answer.events = _metered(answer.events, record)
+        answer.events = _metered(answer.events, record, exchange.protocol)
 
         def settle() -> None:
             used = record.usage[2] if record.usage is not None else reserved
@@ -188,21 +129,26 @@ class Gateway:
             record.rule = "long_prompt"
         while True:
             target = router.pick(route, tried, skip)
-            call = Call(exchange.endpoint, exchange.body_for(target), context.request_id,
-                        context.timing, router.budget)
+            backend = self.backends[target.provider]
+            # A target that speaks the front door's protocol gets the client's bytes; any
+            # other, the request translated (sidecar/crossing.py).
+            crossing = backend.protocol != exchange.protocol
+            call = Call(exchange.endpoint, b"" if crossing else exchange.body_for(target),
+                        context.request_id, context.timing, router.budget)
             if target.local:
                 # A local engine that is loading keeps the request only if nothing else can.
                 call.patient = not (route.spill_over and router.has_candidate(
                     route, [*(tried if tried is not None else skip or ()), target]))
-            backend = self.backends[target.provider]
             label = target.label
             in_flight = self.in_flight
             in_flight[label] = in_flight.get(label, 0) + 1
             try:
-                if exchange.stream:
-                    answer = await _first(backend, call)
+                if crossing:
+                    answer = await cross(backend, call, exchange, target.model)
+                elif exchange.stream:
+                    answer = await first_of(backend, call)
                 else:  # the common case, one coroutine less
-                    answer = Answer(await backend.complete(call))
+                    answer = Answer(await backend.complete(call), None, None, exchange.protocol)
             except BaseException as exc:
                 in_flight[label] -= 1
                 if not isinstance(exc, SidecarError):
@@ -253,28 +199,15 @@ def _leave(in_flight: dict[str, int], label: str) -> None:
     in_flight[label] -= 1
 
 
-async def _first(backend: Backend, call: Call) -> Answer:
-    """A backend's stream with its first event read: nothing is sent to the client before
-    that, so until then an error is a plain answer and another target may still serve the
-    request."""
-    events = backend.stream(call)
-    try:
-        first: bytes | None = await anext(events)
-    except StopAsyncIteration:
-        first = None
-    except BaseException:
-        await events.aclose()
-        raise
-    return Answer(b"", events, first)
-
-
-async def _metered(events: AsyncGenerator[bytes, None], record: RequestRecord
+async def _metered(events: AsyncGenerator[bytes, None], record: RequestRecord, protocol: str
                    ) -> AsyncGenerator[bytes, None]:
-    """Pass a stream on, noting the usage its last chunk reports."""
+    """Pass a stream on, noting the usage its chunks report (OpenAI's last chunk; Anthropic's
+    message_start and message_delta, each with part of it)."""
     try:
         async for data in events:
             if b'"usage":{' in data:
-                record.usage = usage_of(data)
+                record.usage = usage_of(data) if protocol == OPENAI else \
+                    messages_usage(data, record.usage)
             yield data
     finally:
         await events.aclose()

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
 from aiohttp.hdrs import ACCEPT_ENCODING
 
-from sidecar.errors import SidecarError
+from sidecar.appkeys import SETTINGS
+from sidecar.errors import RequestTimeout, SidecarError
 
 JSON = "application/json"
 # Below this size gzip costs more time than the bytes it saves.
@@ -26,3 +29,15 @@ def error_response(error: SidecarError) -> web.Response:
     if error.close_connection:
         response.force_close()
     return response
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The request's body, within server.body_timeout_s."""
+    if request.content.is_eof():  # usually the whole body came with the headers
+        return await request.read()
+    limit = request.app[SETTINGS].server.body_timeout_s
+    try:
+        async with asyncio.timeout(limit):
+            return await request.read()
+    except TimeoutError:
+        raise RequestTimeout(f"The request body did not arrive within {limit:g}s.") from None

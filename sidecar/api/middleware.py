@@ -12,6 +12,8 @@ import re
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler, Middleware
 
+from sidecar.api.anthropic import speaks_anthropic
+from sidecar.api.anthropic_writer import error_response as anthropic_error_response
 from sidecar.api.http import error_response
 from sidecar.appkeys import CONTEXT, SETTINGS
 from sidecar.errors import (
@@ -68,9 +70,9 @@ def make_middleware(access_log: AccessLog, guard: Guard, metrics: Metrics | None
             failure = exc
             if isinstance(exc, _AUTH_REFUSALS):
                 fields["auth_error"] = exc.code or exc.type  # the reason, never the token
-            response = error_response(exc)
+            response = _error_response(request, exc)
         except web.HTTPException as exc:
-            response = error_response(_from_http(request, exc))
+            response = _error_response(request, _from_http(request, exc))
         except asyncio.CancelledError as exc:
             if not cancelled_for_shutdown(exc):
                 _log(access_log, request, context, 499,
@@ -87,14 +89,13 @@ def make_middleware(access_log: AccessLog, guard: Guard, metrics: Metrics | None
             task = asyncio.current_task()
             if task is not None:
                 task.uncancel()
-            response = error_response(ShuttingDown(
+            response = _error_response(request, ShuttingDown(
                 "The server is shutting down; retry the request.", headers={"Retry-After": "1"}))
             response.force_close()
         except Exception:
             log.exception("unhandled error", extra={"fields": {"request_id": rid}})
-            response = error_response(
-                SidecarError(f"The sidecar failed to handle this request (request id {rid}).")
-            )
+            response = _error_response(request, SidecarError(
+                f"The sidecar failed to handle this request (request id {rid})."))
         overhead_ms = timing.overhead_ms()
         if not response.prepared:
             headers = response.headers
@@ -242,8 +243,22 @@ def _ip(name: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         return None
 
 
+def _error_response(request: web.Request, error: SidecarError) -> web.Response:
+    """The error in the shape of the protocol the request was made in."""
+    if speaks_anthropic(request.path):
+        return anthropic_error_response(error)
+    return error_response(error)
+
+
 def _bearer(request: web.Request) -> str:
     header = request.headers.get("Authorization")
+    if header is None and speaks_anthropic(request.path):
+        # Anthropic's clients send their key as `x-api-key`: here, the sidecar's token.
+        key = request.headers.get("x-api-key", "").strip()
+        if key:
+            return key
+        raise Unauthorized("This request needs the sidecar's token as `x-api-key` or in an "
+                           "`Authorization: Bearer <token>` header.", code="missing_token")
     if header is None:
         raise Unauthorized("This request needs an `Authorization: Bearer <token>` header.",
                            code="missing_token")

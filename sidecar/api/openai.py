@@ -4,7 +4,6 @@ each answer comes from."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from functools import partial
 from typing import Any
@@ -12,11 +11,11 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from sidecar.api.http import JSON
+from sidecar.api.http import JSON, read_body
 from sidecar.api.openai_writer import write_json, write_stream
-from sidecar.appkeys import CONTEXT, GATEWAY, SETTINGS
-from sidecar.errors import ModelNotFound, RequestTimeout
-from sidecar.gateway import Exchange
+from sidecar.appkeys import CONTEXT, GATEWAY
+from sidecar.errors import ModelNotFound
+from sidecar.exchange import Exchange
 from sidecar.protocol.requests import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -61,7 +60,7 @@ Schema = type[ChatCompletionRequest] | type[CompletionRequest] | type[EmbeddingR
 async def proxy(endpoint: str, schema: Schema, request: web.Request) -> web.StreamResponse:
     """The handler of every OpenAI endpoint the path serves (bound to one with
     functools.partial): parse and validate, hand the request to the gateway, write its answer."""
-    body = await _read_body(request)
+    body = await read_body(request)
     payload = decode_body(body)
     parsed = validate(payload, schema)
     context = request[CONTEXT]
@@ -80,17 +79,6 @@ async def proxy(endpoint: str, schema: Schema, request: web.Request) -> web.Stre
     if not exchange.stream:
         return write_json(request, answer)
     return await write_stream(request, answer)
-
-
-async def _read_body(request: web.Request) -> bytes:
-    if request.content.is_eof():  # usually the whole body came with the headers
-        return await request.read()
-    limit = request.app[SETTINGS].server.body_timeout_s
-    try:
-        async with asyncio.timeout(limit):
-            return await request.read()
-    except TimeoutError:
-        raise RequestTimeout(f"The request body did not arrive within {limit:g}s.") from None
 
 
 routes.post("/v1/chat/completions")(partial(proxy, "chat/completions", ChatCompletionRequest))

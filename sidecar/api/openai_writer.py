@@ -12,7 +12,7 @@ from aiohttp import web
 from sidecar.api.http import json_bytes
 from sidecar.appkeys import CONTEXT
 from sidecar.errors import SHUTTING_DOWN, ShuttingDown, SidecarError, cancelled_for_shutdown
-from sidecar.gateway import Answer
+from sidecar.exchange import Answer
 from sidecar.protocol.sse import DONE_FRAME, frame
 from sidecar.protocol.sse import HEARTBEAT as HEARTBEAT_FRAME
 

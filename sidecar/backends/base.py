@@ -17,7 +17,8 @@ HEARTBEAT = b""
 class Call:
     """One request on its way to a backend."""
 
-    endpoint: str  # "chat/completions", "completions" or "embeddings"
+    # "chat/completions", "completions", "embeddings", "messages" or "messages/count_tokens"
+    endpoint: str
     body: bytes  # the client's JSON object, its `model` set to the target's model
     request_id: str
     timing: Timing
@@ -32,12 +33,21 @@ class Call:
 
 
 class Backend(Protocol):
+    name: str  # the provider's name in the configuration
+    # The protocol its calls are written in ("openai" or "anthropic"): a request of another
+    # is translated on its way (sidecar/crossing.py).
+    protocol: str
+    # The answer's length limit put in a translated request that has none, where the
+    # protocol requires one (Anthropic's does); None where it does not.
+    default_max_tokens: int | None
+
     async def complete(self, call: Call) -> bytes:
         """The whole JSON response body of a non-streamed request."""
         ...
 
     def stream(self, call: Call) -> AsyncGenerator[bytes, None]:
-        """The `data` of each stream event (OpenAI chunk JSON) as it arrives, `[DONE]` excluded.
+        """The `data` of each stream event as it arrives, in the backend's protocol, its end
+        marker excluded (OpenAI's `[DONE]`, Anthropic's `message_stop`).
 
         Errors raised before the first item mean nothing was sent; after it, the stream broke.
         """

@@ -35,6 +35,9 @@ class Plan:
 
 
 class LocalBackend:
+    protocol = "openai"  # its calls and answers; others are translated on the way
+    default_max_tokens: int | None = None  # the engine has its own default
+
     def __init__(self, name: str, engine: ThreadedEngine, settings: LocalProviderSettings,
                  heartbeat_s: float) -> None:
         self.name = name

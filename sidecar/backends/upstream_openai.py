@@ -14,6 +14,9 @@ from sidecar.transport import UpstreamClient
 
 
 class OpenAIUpstream(HttpUpstream):
+    protocol = "openai"  # its calls and answers; others are translated on the way
+    default_max_tokens: int | None = None  # OpenAI's API needs no limit
+
     def __init__(self, name: str, settings: ProviderSettings, api_key: Secret | None,
                  client: UpstreamClient, heartbeat_s: float) -> None:
         super().__init__(name, settings, settings.base_url, api_key, client, heartbeat_s)

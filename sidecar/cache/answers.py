@@ -8,7 +8,8 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 
 from sidecar.cache.records import Record, as_chunks, as_json
 from sidecar.cache.response_cache import ResponseCache, cache_key, deterministic
-from sidecar.gateway import Answer, Exchange
+from sidecar.exchange import OPENAI, Answer, Exchange
+from sidecar.protocol.anthropic_messages import events_as_message, message_as_events
 from sidecar.settings import CacheSettings
 
 
@@ -61,7 +62,7 @@ class AnswerCache:
         record.cache = state
         cache.counts[state] += 1
         if shared:
-            answer = Answer(text)
+            answer = Answer(text, None, None, exchange.protocol)
             answer.from_cache = True
         else:
             answer = fetched[0]
@@ -72,8 +73,20 @@ class AnswerCache:
 
 
 def _replay(kept: Record, exchange: Exchange) -> Answer | None:
-    """A hit, in the shape the client asked for; None when the record cannot take it."""
-    if exchange.stream:
+    """A hit, in the shape the client asked for; None when the record cannot take it.
+    Records are kept in the front door's protocol (the endpoint is part of the key)."""
+    if exchange.protocol != OPENAI:  # Anthropic's
+        if exchange.stream:
+            events = kept.chunks if kept.kind == "stream" else message_as_events(kept.body)
+            if not events:
+                return None
+            answer = Answer(b"", _listed(events[1:]), events[0], exchange.protocol)
+        else:
+            body = kept.body if kept.kind == "json" else events_as_message(kept.chunks)
+            if body is None:
+                return None
+            answer = Answer(body, None, None, exchange.protocol)
+    elif exchange.stream:
         chunks = as_chunks(kept, exchange.include_usage)
         if chunks is None:
             return None

@@ -44,6 +44,10 @@ def whole_stream(chunks: list[bytes]) -> bool:
     parsed = _objects(chunks)
     if not parsed:
         return False
+    if parsed[0].get("type") == "message_start":  # Anthropic's: a stop reason, no error
+        return not any(c.get("type") == "error" for c in parsed) and any(
+            c.get("type") == "message_delta" and isinstance(c.get("delta"), dict) and
+            c["delta"].get("stop_reason") for c in parsed)
     finished: dict[object, bool] = {}
     for chunk in parsed:
         if chunk.get("error") is not None:

@@ -55,6 +55,8 @@ OPERATIONS = {
     "/v1/chat/completions": ("openai", "chat"),
     "/v1/completions": ("openai", "text_completion"),
     "/v1/embeddings": ("openai", "embeddings"),
+    "/v1/messages": ("anthropic", "chat"),
+    "/v1/messages/count_tokens": ("anthropic", "count_tokens"),
 }
 _OTHER_API = ("openai", "other")
 # Why a stream stopped early, as a label: the codes this package's errors carry and

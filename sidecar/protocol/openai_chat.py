@@ -173,6 +173,31 @@ def events_from_chunk(data: bytes) -> list[Event]:
     return events
 
 
+def events_from_answer(answer: dict[str, Any]) -> list[Event]:
+    """The events of a whole chat answer (its first choice): text, tool calls, the finish
+    reason, usage."""
+    events: list[Event] = []
+    choices = answer.get("choices")
+    choice = choices[0] if isinstance(choices, list) and choices else {}
+    message = choice.get("message") if isinstance(choice, dict) else None
+    if isinstance(message, dict):
+        text = message.get("content")
+        if isinstance(text, str) and text:
+            events.append(TextDelta(text))
+        for i, call in enumerate(message.get("tool_calls") or ()):
+            function = call.get("function") if isinstance(call, dict) else None
+            if isinstance(function, dict):
+                events.append(ToolCallDelta(i, str(call.get("id", "")),
+                                            str(function.get("name", "")),
+                                            str(function.get("arguments") or "")))
+    if isinstance(choice, dict) and choice.get("finish_reason"):
+        events.append(Finish(str(choice["finish_reason"])))
+    usage = answer.get("usage")
+    if isinstance(usage, dict):
+        events.append(usage_from_json(usage))
+    return events
+
+
 class ChunkWriter:
     """OpenAI's stream chunks for one answer, chat or legacy completions."""
 

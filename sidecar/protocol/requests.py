@@ -98,7 +98,10 @@ class EmbeddingRequest(Struct, kw_only=True):
 
 # Keys that would let a client choose where the operator's credentials are sent, compared
 # without case or separators: `API_BASE`, `apiBase`, `baseURL`, `api-key` are the same keys.
-FORBIDDEN_KEYS = frozenset({"api_base", "base_url", "api_key", "api_version"})
+# Anthropic's side adds its key header's name, and the MCP servers (and their URLs) that
+# the upstream would call on the operator's account.
+FORBIDDEN_KEYS = frozenset({"api_base", "base_url", "api_key", "api_version", "x_api_key",
+                            "auth_token", "mcp_servers", "server_url"})
 _SEPARATORS = str.maketrans("", "", "_-. ")
 _FORBIDDEN_FOLDED = frozenset(k.translate(_SEPARATORS) for k in FORBIDDEN_KEYS)
 # Keys most bodies are made of, known harmless: the walk skips folding them.
@@ -108,6 +111,7 @@ _COMMON_KEYS = frozenset({
     "stop", "seed", "presence_penalty", "frequency_penalty", "user", "tools", "tool_choice",
     "tool_calls", "tool_call_id", "function", "arguments", "parameters", "description", "id",
     "prompt", "input", "response_format", "image_url", "url", "logprobs", "metadata",
+    "system", "stop_sequences", "input_schema", "tool_use_id", "source", "media_type", "data",
 })
 MAX_DEPTH = 64
 # A key ends with a quote and a colon; with whitespace between them, or a key ending in a

@@ -56,6 +56,16 @@ api_key_env = "BENCH_UPSTREAM_KEY"
 targets = {targets}
 """
 ONE_TARGET = '[ { provider = "mock", model = "bench-upstream", weight = 1 } ]'
+# The same mock as an Anthropic upstream: Anthropic clients' requests pass through to it.
+CLAUDE_TARGET = '[ { provider = "claude", model = "bench-upstream", weight = 1 } ]'
+CLAUDE = """
+[providers.claude]
+kind = "anthropic"
+base_url = "http://127.0.0.1:{mock}"
+api_key_env = "BENCH_UPSTREAM_KEY"
+"""
+MESSAGES = {"model": "bench", "max_tokens": 64, "temperature": 0.7,
+            "messages": [{"role": "user", "content": "Say hello in five words."}]}
 JWT_AUTH = """
 [auth]
 mode = "jwt"
@@ -130,11 +140,17 @@ def wrk(url: str, connections: int, seconds: float, script: Path,
     return stats
 
 
-async def stream_timings(url: str, requests: int, chunks: int, delay_ms: float
-                         ) -> tuple[list[float], list[float]]:
-    """Per-chunk delay from leaving the mock to reaching this client, and time to first byte."""
-    body = orjson.dumps({**CHAT, "stream": True,
-                         "bench": {"chunks": chunks, "delay_ms": delay_ms}})
+async def stream_timings(url: str, requests: int, chunks: int, delay_ms: float,
+                         ask: dict[str, Any] = CHAT) -> tuple[list[float], list[float]]:
+    """Per-chunk delay from leaving the mock to reaching this client, and time to first byte.
+    The stamp is read from `sent_ns`, or from the text (`@` and the time), which survives a
+    translation into another protocol."""
+    knob = {"bench": {"chunks": chunks, "delay_ms": delay_ms}}
+    if ask is MESSAGES:  # translated, the body keeps only what the protocol says: the text
+        body = orjson.dumps({**ask, "stream": True, "messages": [
+            {"role": "user", "content": orjson.dumps(knob).decode()}]})
+    else:
+        body = orjson.dumps({**ask, "stream": True, **knob})
     lags: list[float] = []
     ttfb: list[float] = []
     async with aiohttp.ClientSession() as session:
@@ -153,7 +169,7 @@ async def stream_timings(url: str, requests: int, chunks: int, delay_ms: float
                     buffer += chunk
                     *events, buffer = buffer.split(b"\n\n")
                     for event in events:
-                        stamp = re.search(rb'"sent_ns":(\d+)', event)
+                        stamp = re.search(rb'(?:"sent_ns":|@)(\d+)', event)
                         if stamp:
                             lags.append((now - int(stamp[1])) / 1e6)
     return lags, ttfb
@@ -258,6 +274,8 @@ def main() -> int:
     parser.add_argument("--latency-rounds", type=int, default=15,
                         help="alternating c=1 runs per target (p99 is the noisiest figure)")
     parser.add_argument("--streams", type=int, default=1000)
+    parser.add_argument("--messages-only", action="store_true",
+                        help="only the rows of the Anthropic front door")
     parser.add_argument("--stream-rounds", type=int, default=5,
                         help="alternating runs of the CPU-per-frame rows")
     parser.add_argument("--ab", metavar="REV",
@@ -281,18 +299,23 @@ def main() -> int:
     cache_script.write_text(
         'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
         f"wrk.body = [[{orjson.dumps({**CHAT, 'temperature': 0}).decode()}]]\n")
+    messages_script = work / "post-messages.lua"
+    messages_script.write_text(
+        'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
+        f"wrk.body = [[{orjson.dumps(MESSAGES).decode()}]]\n")
     jwt_script = work / "post-jwt.lua"
     jwt_script.write_text(script.read_text()
                           + f'wrk.headers["Authorization"] = "Bearer {token}"\n')
-    mock_port, floor_port, one_port, three_port, jwt_port, cache_port, quiet_port = (
-        free_port() for _ in range(7))
+    mock_port, floor_port, one_port, three_port, jwt_port, cache_port, quiet_port, \
+        claude_port = (free_port() for _ in range(8))
     env = {"BENCH_UPSTREAM_KEY": "sk-bench-not-a-real-key", "PYTHONUNBUFFERED": "1"}
     configs = {}
     for name, port, targets, auth in (
             ("one", one_port, ONE_TARGET, ""), ("three", three_port, THREE_TARGETS, ""),
             ("jwt", jwt_port, ONE_TARGET, JWT_AUTH.format(public=public)),
             ("cache", cache_port, ONE_TARGET, "\n[cache]\nenabled = true\n"),
-            ("quiet", quiet_port, ONE_TARGET, "\n[metrics]\nenabled = false\n")):
+            ("quiet", quiet_port, ONE_TARGET, "\n[metrics]\nenabled = false\n"),
+            ("claude", claude_port, CLAUDE_TARGET, CLAUDE.format(mock=mock_port))):
         path = work / f"{name}.toml"
         path.write_text(SIDECAR_CONFIG.format(port=port, mock=mock_port, targets=targets) + auth)
         configs[name] = path
@@ -310,7 +333,9 @@ def main() -> int:
          process([PY, "-m", "sidecar", "serve", "--config", str(configs["cache"])], SERVER_CPU,
                  cache_port, work / "sidecar-cache.log", env) as sidecar_cache, \
          process([PY, "-m", "sidecar", "serve", "--config", str(configs["quiet"])], SERVER_CPU,
-                 quiet_port, work / "sidecar-quiet.log", env) as sidecar_quiet:
+                 quiet_port, work / "sidecar-quiet.log", env) as sidecar_quiet, \
+         process([PY, "-m", "sidecar", "serve", "--config", str(configs["claude"])],
+                 SERVER_CPU, claude_port, work / "sidecar-claude.log", env) as sidecar_claude:
         direct = f"http://127.0.0.1:{mock_port}/v1/chat/completions"
         urls = {"floor": f"http://127.0.0.1:{floor_port}/v1/chat/completions",
                 "sidecar": f"http://127.0.0.1:{one_port}/v1/chat/completions",
@@ -318,7 +343,11 @@ def main() -> int:
                 "sidecar_jwt": f"http://127.0.0.1:{jwt_port}/v1/chat/completions",
                 "sidecar_cache": f"http://127.0.0.1:{cache_port}/v1/chat/completions",
                 "sidecar_quiet": f"http://127.0.0.1:{quiet_port}/v1/chat/completions"}
+        urls["sidecar_claude"] = f"http://127.0.0.1:{claude_port}/v1/messages"
+        if args.messages_only:
+            urls = {name: urls[name] for name in ("sidecar", "sidecar_claude")}
         scripts = {name: script for name in urls}
+        scripts["sidecar_claude"] = messages_script
         scripts["sidecar_jwt"] = jwt_script
         scripts["sidecar_cache"] = cache_script  # temperature 0: every request after the first hits
         for name, url in urls.items():  # warm up pools and code paths
@@ -327,7 +356,7 @@ def main() -> int:
         # This machine is shared and noisy: short runs, alternated, compared pair by pair.
         pids = {"floor": floor.pid, "sidecar": sidecar.pid, "sidecar3": sidecar3.pid,
                 "sidecar_jwt": sidecar_jwt.pid, "sidecar_cache": sidecar_cache.pid,
-                "sidecar_quiet": sidecar_quiet.pid}
+                "sidecar_quiet": sidecar_quiet.pid, "sidecar_claude": sidecar_claude.pid}
         runs: dict[str, list[dict[str, float]]] = {name: [] for name in urls}
         runs["direct"] = []
         for _ in range(args.rounds):
@@ -353,6 +382,18 @@ def main() -> int:
                          f"{1e6 / base_cpu:,.0f}", f"{1e6 / other_cpu:,.0f}", f"{cpu:.2f}",
                          goal))
 
+        compare("Anthropic in -> Anthropic out vs OpenAI in -> OpenAI out, passed through",
+                "sidecar", "sidecar_claude", ">= 0.95")
+        one_messages = f"http://127.0.0.1:{one_port}/v1/messages"
+        plain_lags, _ = asyncio.run(stream_timings(urls["sidecar"], 10, 64, 20))
+        crossed_lags, _ = asyncio.run(stream_timings(one_messages, 10, 64, 20, MESSAGES))
+        rows.append(("stream translated (Anthropic in, OpenAI out), p99 ms per chunk", "",
+                     f"{pct(plain_lags, 0.99):.3f} passed through",
+                     f"{pct(crossed_lags, 0.99):.3f}",
+                     f"+{pct(crossed_lags, 0.99) - pct(plain_lags, 0.99):.3f} ms", "<= 0.3 ms"))
+        if args.messages_only:
+            _print(rows)
+            return 0
         compare("non-streamed chat, req/s (c=32, server pinned to 1 core)", "floor", "sidecar",
                 ">= 2.50")
         compare("3 weighted targets vs 1 target (both llm-sidecar)", "sidecar", "sidecar3",
@@ -429,6 +470,11 @@ def main() -> int:
     for label, theirs, ours, ratio, goal in orjson.loads(alone.stdout.splitlines()[-1]):
         rows.append((label, "", theirs, ours, ratio, goal))
 
+    _print(rows)
+    return 0
+
+
+def _print(rows: list[tuple[str, str, str, str, str, str]]) -> None:
     print(f"\nllm-sidecar gateway benchmark  (python {sys.version.split()[0]}, "
           f"{os.cpu_count()} CPUs; servers on CPU {SERVER_CPU}, load on CPU {LOAD_CPU})\n")
     header = ("measure", "direct mock", "floor: bare aiohttp proxy", "llm-sidecar", "ratio",
@@ -439,7 +485,6 @@ def main() -> int:
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for row in rows:
         print("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |")
-    return 0
 
 
 def ab(rev: str, rounds: int, latency_rounds: int, seconds: float) -> int:

@@ -15,6 +15,7 @@ its own: it writes a user text that starts with `mock:` and a JSON object instea
                         x-api-key received in the error's message
     error_event         a stream: after the first text delta, an `error` event (overloaded)
     error_first         a stream: an `error` event right after message_start
+A count (`/v1/messages/count_tokens`) answers the request's length in bytes over three.
     break_after         a stream: drop the connection after this many events
     no_stop             a stream: end without message_stop
     delay_s             a stream: wait this long between events
@@ -63,6 +64,7 @@ class AnthropicMock(ThreadedServer):
     def start(self) -> None:  # type: ignore[override]
         app = web.Application(client_max_size=16 * 1024 * 1024)
         app.router.add_post("/v1/messages", self._messages)
+        app.router.add_post("/v1/messages/count_tokens", self._count_tokens)
         app.router.add_get("/v1/models", self._models)
         super().start(app, handler_cancellation=True)
 
@@ -86,6 +88,13 @@ class AnthropicMock(ThreadedServer):
         if request.headers.get("anthropic-version") != VERSION:
             return _error(400, "invalid_request_error", "anthropic-version: header is required")
         return None
+
+    async def _count_tokens(self, request: web.Request) -> web.StreamResponse:
+        """A count that tells whose it is: the request's bytes over three."""
+        raw = await request.read()
+        self.requests.append(Seen(request.path, request.headers.copy(), orjson.loads(raw)))
+        refused = self._check(request)
+        return refused or web.json_response({"input_tokens": len(raw) // 3})
 
     async def _messages(self, request: web.Request) -> web.StreamResponse:
         body = orjson.loads(await request.read())
@@ -124,10 +133,16 @@ class AnthropicMock(ThreadedServer):
             raise
 
 
+def _content(turn: dict[str, Any]) -> list[dict[str, Any]]:
+    """A turn's blocks; a string is one text block, as Anthropic reads it."""
+    content = turn["content"]
+    return [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
+
+
 def _directives(body: dict[str, Any]) -> dict[str, Any]:
     """The directives of the last turn (a tool loop's next turn asks for nothing odd)."""
     turns = body.get("messages") or ()
-    for block in turns[-1]["content"] if turns else ():
+    for block in _content(turns[-1]) if turns else ():
         text = block.get("text", "") if block.get("type") == "text" else ""
         if text.startswith("mock:"):
             found: dict[str, Any] = orjson.loads(text[5:])
@@ -137,7 +152,7 @@ def _directives(body: dict[str, Any]) -> dict[str, Any]:
 
 def _last_text(body: dict[str, Any]) -> str:
     for message in reversed(body.get("messages") or ()):
-        for block in reversed(message["content"]):
+        for block in reversed(_content(message)):
             if block.get("type") == "text":
                 return str(block["text"])
             if block.get("type") == "tool_result":
