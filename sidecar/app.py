@@ -15,8 +15,9 @@ from urllib.parse import urlsplit
 import aiohttp
 from aiohttp import web
 
-from sidecar.api import admin, admin_engines, anthropic, health, metrics, openai
+from sidecar.api import admin, admin_engines, anthropic, chat_socket, health, metrics, openai
 from sidecar.api.middleware import Guard, make_middleware
+from sidecar.api.sockets import OpenSockets
 from sidecar.appkeys import (
     BACKENDS,
     CACHE,
@@ -30,6 +31,7 @@ from sidecar.appkeys import (
     ROUTE_STATE,
     ROUTE_SYNC,
     SETTINGS,
+    SOCKETS,
     VERIFIER,
 )
 from sidecar.backends.base import Backend
@@ -72,6 +74,7 @@ def create_app(settings: Settings, log_writer: LineWriter | None = None) -> web.
     app[VERIFIER] = verifier
     app[LIMITER] = limiter
     app[METRICS] = counted
+    app[SOCKETS] = OpenSockets()
     app.cleanup_ctx.append(_http_session)
     app.cleanup_ctx.append(_auth_keys)
     app.cleanup_ctx.append(_redis)
@@ -91,6 +94,7 @@ def create_app(settings: Settings, log_writer: LineWriter | None = None) -> web.
     app[CACHE_SECRET] = secret.reveal().encode() if secret is not None else os.urandom(32)
     app.add_routes(openai.routes)
     app.add_routes(anthropic.routes)
+    app.add_routes(chat_socket.routes)
     app.add_routes(admin.routes)
     app.add_routes(admin_engines.routes)
     app.add_routes(health.routes)
@@ -317,3 +321,4 @@ async def _mark_started(app: web.Application) -> None:
 
 async def _mark_draining(app: web.Application) -> None:
     app[READINESS].draining = True
+    app[SOCKETS].drain()

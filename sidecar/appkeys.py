@@ -8,6 +8,7 @@ import aiohttp
 from aiohttp import web
 
 if TYPE_CHECKING:
+    from sidecar.api.sockets import OpenSockets
     from sidecar.backends.base import Backend
     from sidecar.gateway import Gateway, Readiness
     from sidecar.routing.shared import RouteSync
@@ -33,6 +34,7 @@ BACKENDS: web.AppKey[dict[str, Backend]] = web.AppKey("backends")
 GATEWAY: web.AppKey[Gateway] = web.AppKey("gateway")
 READINESS: web.AppKey[Readiness] = web.AppKey("readiness")
 ROUTE_SYNC: web.AppKey[RouteSync | None] = web.AppKey("route_sync")
+SOCKETS: web.AppKey[OpenSockets] = web.AppKey("sockets")  # the open WebSockets
 METRICS: web.AppKey[Metrics | None] = web.AppKey("metrics")  # None when metrics.enabled is off
 
 # Per-request state set by the edge middleware.

@@ -12,7 +12,7 @@ import ssl
 from aiohttp import web
 
 from sidecar.app import create_app
-from sidecar.appkeys import BACKENDS, READINESS
+from sidecar.appkeys import BACKENDS, READINESS, SOCKETS
 from sidecar.backends.local import LocalBackend
 from sidecar.errors import SHUTTING_DOWN
 from sidecar.observability.logging import LineWriter
@@ -133,6 +133,7 @@ async def _drain(app: web.Application, in_flight: InFlight, grace_s: float) -> N
     """Say not ready at once, let requests in flight finish for `grace_s` (once), then end
     those still running with a reason: a stream ends with an error event, not a silent cut."""
     app[READINESS].draining = True
+    app[SOCKETS].drain()  # idle WebSockets close now, busy ones after their response
     log.info("stopping: draining requests in flight",
              extra={"fields": {"in_flight": len(in_flight.tasks), "timeout_s": grace_s}})
     if await in_flight.wait_idle(grace_s):

@@ -54,6 +54,13 @@ class ServerSettings(Struct, kw_only=True, forbid_unknown_fields=True):
     # Names a browser may use for this server in its Host header, besides the listen address
     # and the loopback names (with auth off, any other Host is refused: DNS rebinding).
     allowed_hosts: list[str] = []
+    # WebSockets: the browser origins (scheme://host[:port]) that may open one; a socket
+    # opened with any other Origin is refused (cross-site WebSocket hijacking). Empty: only
+    # clients that send no Origin (SDKs, servers).
+    ws_allowed_origins: list[str] = []
+    # The largest message a WebSocket client may send, and how many it may send a minute.
+    ws_max_message_bytes: Annotated[int, Meta(ge=1024)] = 1024 * 1024
+    ws_messages_per_minute: Annotated[int, Meta(ge=1)] = 120
 
 
 class UpstreamSettings(Struct, kw_only=True, forbid_unknown_fields=True):

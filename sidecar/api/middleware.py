@@ -15,6 +15,7 @@ from aiohttp.typedefs import Handler, Middleware
 from sidecar.api.anthropic import speaks_anthropic
 from sidecar.api.anthropic_writer import error_response as anthropic_error_response
 from sidecar.api.http import error_response
+from sidecar.api.sockets import SOCKET_PATHS
 from sidecar.appkeys import CONTEXT, SETTINGS
 from sidecar.errors import (
     BrowserRefused,
@@ -127,7 +128,8 @@ class Guard:
 
     @staticmethod
     def applies(path: str) -> bool:
-        return path.startswith(("/v1/", "/admin"))
+        # A WebSocket admits itself on its upgrade and counts each response (api/sockets.py).
+        return path.startswith(("/v1/", "/admin")) and path not in SOCKET_PATHS
 
     async def admit(self, request: web.Request, context: RequestContext) -> None:
         """Raise the refusal, or count the request in (then `release` must follow)."""
