@@ -15,7 +15,16 @@ from urllib.parse import urlsplit
 import aiohttp
 from aiohttp import web
 
-from sidecar.api import admin, admin_engines, anthropic, chat_socket, health, metrics, openai
+from sidecar.api import (
+    admin,
+    admin_engines,
+    anthropic,
+    chat_socket,
+    health,
+    metrics,
+    openai,
+    ws_tickets,
+)
 from sidecar.api.middleware import Guard, make_middleware
 from sidecar.api.sockets import OpenSockets
 from sidecar.appkeys import (
@@ -32,6 +41,7 @@ from sidecar.appkeys import (
     ROUTE_SYNC,
     SETTINGS,
     SOCKETS,
+    TICKETS,
     VERIFIER,
 )
 from sidecar.backends.base import Backend
@@ -53,6 +63,7 @@ from sidecar.routing.state import RouteState
 from sidecar.routing.table import RouteTable
 from sidecar.security.jwt import JwksFetcher, Verifier, load_static_keys
 from sidecar.security.limits import Limiter
+from sidecar.security.tickets import TicketBook
 from sidecar.settings import AnthropicProviderSettings, LocalProviderSettings, Settings
 
 log = logging.getLogger("sidecar")
@@ -75,6 +86,7 @@ def create_app(settings: Settings, log_writer: LineWriter | None = None) -> web.
     app[LIMITER] = limiter
     app[METRICS] = counted
     app[SOCKETS] = OpenSockets()
+    app[TICKETS] = TicketBook(settings.server.ws_ticket_ttl_s)
     app.cleanup_ctx.append(_http_session)
     app.cleanup_ctx.append(_auth_keys)
     app.cleanup_ctx.append(_redis)
@@ -95,6 +107,7 @@ def create_app(settings: Settings, log_writer: LineWriter | None = None) -> web.
     app.add_routes(openai.routes)
     app.add_routes(anthropic.routes)
     app.add_routes(chat_socket.routes)
+    app.add_routes(ws_tickets.routes)
     app.add_routes(admin.routes)
     app.add_routes(admin_engines.routes)
     app.add_routes(health.routes)

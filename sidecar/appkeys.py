@@ -20,6 +20,7 @@ from sidecar.observability.timing import RequestContext
 from sidecar.routing.state import RouteState
 from sidecar.security.jwt import Verifier
 from sidecar.security.limits import Limiter
+from sidecar.security.tickets import TicketBook
 from sidecar.settings import Settings
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -35,6 +36,7 @@ GATEWAY: web.AppKey[Gateway] = web.AppKey("gateway")
 READINESS: web.AppKey[Readiness] = web.AppKey("readiness")
 ROUTE_SYNC: web.AppKey[RouteSync | None] = web.AppKey("route_sync")
 SOCKETS: web.AppKey[OpenSockets] = web.AppKey("sockets")  # the open WebSockets
+TICKETS = web.AppKey("tickets", TicketBook)  # WebSocket tickets for browsers
 METRICS: web.AppKey[Metrics | None] = web.AppKey("metrics")  # None when metrics.enabled is off
 
 # Per-request state set by the edge middleware.

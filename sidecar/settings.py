@@ -61,6 +61,8 @@ class ServerSettings(Struct, kw_only=True, forbid_unknown_fields=True):
     # The largest message a WebSocket client may send, and how many it may send a minute.
     ws_max_message_bytes: Annotated[int, Meta(ge=1024)] = 1024 * 1024
     ws_messages_per_minute: Annotated[int, Meta(ge=1)] = 120
+    # How long a ticket from POST /v1/ws-tickets may wait to open its one socket.
+    ws_ticket_ttl_s: PositiveFloat = 30.0
 
 
 class UpstreamSettings(Struct, kw_only=True, forbid_unknown_fields=True):

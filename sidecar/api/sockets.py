@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import WSCloseCode, hdrs, web
 
-from sidecar.appkeys import LIMITER, SETTINGS, VERIFIER
+from sidecar.appkeys import LIMITER, SETTINGS, TICKETS, VERIFIER
 from sidecar.errors import BrowserRefused
 from sidecar.security.jwt import ANONYMOUS, Forbidden, Principal, Unauthorized
 
@@ -20,6 +20,10 @@ from sidecar.security.jwt import ANONYMOUS, Forbidden, Principal, Unauthorized
 # with the same errors, and the tenant's limits are counted per response, not per socket.
 SOCKET_PATHS = frozenset({"/v1/chat/completions/ws"})
 PING_S = 20.0
+# A browser offers two subprotocols: this one, which the server selects (a browser refuses a
+# handshake that selects none of those it offered), and `ticket.<ticket>`.
+SUBPROTOCOL = "llm-sidecar"
+TICKET_PREFIX = "ticket."
 
 
 async def admit(request: web.Request) -> Principal:
@@ -33,18 +37,33 @@ async def admit(request: web.Request) -> Principal:
     verifier = request.app[VERIFIER]
     if verifier is None:
         return ANONYMOUS
-    principal = await verifier.verify(bearer_token(request))
+    ticket = offered_ticket(request)
+    if ticket is not None and hdrs.AUTHORIZATION not in request.headers:
+        principal = request.app[TICKETS].redeem(ticket)
+    else:
+        principal = await verifier.verify(bearer_token(request))
     needed = settings.auth.chat_scope
     if needed not in principal.scopes:
         raise Forbidden(f"The token lacks the `{needed}` scope this request needs.")
     return principal
 
 
+def offered_ticket(request: web.Request) -> str | None:
+    """The ticket among the subprotocols a browser offers (`ticket.<ticket>`), if any."""
+    offered = request.headers.get(hdrs.SEC_WEBSOCKET_PROTOCOL, "")
+    for name in offered.split(",")[:8]:
+        name = name.strip()
+        if name.startswith(TICKET_PREFIX) and len(name) <= 128:
+            return name[len(TICKET_PREFIX):]
+    return None
+
+
 def bearer_token(request: web.Request) -> str:
     header = request.headers.get(hdrs.AUTHORIZATION)
     if header is None:
         raise Unauthorized("This WebSocket needs an `Authorization: Bearer <token>` header on "
-                           "its upgrade.", code="missing_token")
+                           "its upgrade, or a ticket from POST /v1/ws-tickets offered as the "
+                           f"subprotocol `{TICKET_PREFIX}<ticket>`.", code="missing_token")
     scheme, _, token = header.partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token:
@@ -58,7 +77,7 @@ def socket_response(request: web.Request) -> web.WebSocketResponse:
     does not answer within half of that is closed)."""
     settings = request.app[SETTINGS].server
     return web.WebSocketResponse(heartbeat=PING_S, max_msg_size=settings.ws_max_message_bytes,
-                                 compress=False)
+                                 compress=False, protocols=(SUBPROTOCOL,))
 
 
 @contextlib.asynccontextmanager

@@ -6,59 +6,18 @@ size and rate limits, and the drain's close code 1001."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import openai
 import pytest
-from aiohttp import WSMsgType, web
+from aiohttp import WSMsgType
 
-from sidecar import config
-from sidecar.app import create_app
 from sidecar.appkeys import SOCKETS
 from tests.support.auth_helpers import jwt_config, make_issuer
-from tests.support.in_process import no_blocking, serving
-from tests.support.sidecar import UPSTREAM_KEY, base_config
+from tests.support.in_process import no_blocking
 from tests.support.upstream_mock import MockUpstream
-
-PATH = "/v1/chat/completions/ws"
-
-
-def chat(text: str, **fields: Any) -> dict[str, Any]:
-    return {"model": "gpt-test", "messages": [{"role": "user", "content": text}], **fields}
-
-
-def make_app(upstream: MockUpstream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-             server: str = "", extra: str = "") -> web.Application:
-    monkeypatch.setenv("MOCK_UPSTREAM_KEY", UPSTREAM_KEY)
-    path = tmp_path / "c.toml"
-    path.write_text(base_config(upstream, server=server, extra=extra)
-                    .replace("@STATE@", str(tmp_path / "r.json")))
-    return create_app(config.load(path))
-
-
-@contextlib.asynccontextmanager
-async def opened(app: web.Application) -> AsyncIterator[tuple[str, aiohttp.ClientSession]]:
-    async with serving(app) as url, aiohttp.ClientSession() as session:
-        yield url, session
-
-
-async def until_done(socket: aiohttp.ClientWebSocketResponse) -> list[dict[str, Any]]:
-    """The messages of one response, through its `done`, `error` or `cancelled`."""
-    messages: list[dict[str, Any]] = []
-    while True:
-        message: dict[str, Any] = await asyncio.wait_for(socket.receive_json(), 5)
-        messages.append(message)
-        if message.get("type") in ("done", "error", "cancelled"):
-            return messages
-
-
-def text_of(chunks: list[dict[str, Any]]) -> str:
-    return "".join(c["choices"][0]["delta"].get("content") or ""
-                   for c in chunks if c.get("choices"))
+from tests.support.websockets import PATH, chat, make_app, opened, text_of, until_done
 
 
 async def test_a_turn_carries_the_sse_streams_chunks_then_done_with_usage(
