@@ -92,6 +92,9 @@ class ProviderSettings(UpstreamSettings, tag_field="kind", tag="openai"):
     """An upstream that speaks the OpenAI API (kind = "openai")."""
 
     base_url: str
+    # It serves the Responses API too (POST {base_url}/responses): Responses requests pass
+    # through to it as bytes, rather than translated into chat completions.
+    responses: bool = False
 
 
 class AnthropicProviderSettings(UpstreamSettings, tag_field="kind", tag="anthropic"):
