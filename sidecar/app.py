@@ -24,6 +24,7 @@ from sidecar.api import (
     metrics,
     openai,
     responses,
+    responses_socket,
     ws_tickets,
 )
 from sidecar.api.middleware import Guard, make_middleware
@@ -110,6 +111,7 @@ def create_app(settings: Settings, log_writer: LineWriter | None = None) -> web.
     app.add_routes(chat_socket.routes)
     app.add_routes(ws_tickets.routes)
     app.add_routes(responses.routes)
+    app.add_routes(responses_socket.routes)
     app.add_routes(admin.routes)
     app.add_routes(admin_engines.routes)
     app.add_routes(health.routes)

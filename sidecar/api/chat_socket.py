@@ -35,7 +35,13 @@ async def chat_socket(request: web.Request) -> web.StreamResponse:
 
 
 class ChatSocket:
-    """One open socket: its messages in order, and the one response in flight."""
+    """One open socket: its messages in order, and the one response in flight. A message
+    without `type` is a chat completion request; `{"type": "cancel"}` cancels."""
+
+    CREATE: str | None = None  # the `type` of a request message; None: it has none
+    CANCEL = "cancel"
+    CANCELLED = "cancelled"  # the message that ends a cancelled response
+    IN_FLIGHT = "request_already_in_flight"
 
     def __init__(self, request: web.Request, socket: web.WebSocketResponse,
                  principal: Principal) -> None:
@@ -78,20 +84,22 @@ class ChatSocket:
             await self._error(exc)
             return
         kind = payload.get("type")
-        if kind == "cancel":
+        if kind == self.CANCEL:
             task = self._in_flight
             if task is not None and not task.done():
                 task.cancel()
             return
-        if kind is not None:
+        if kind != self.CREATE:
+            create = f'`{{"type": "{self.CREATE}", ...}}`' if self.CREATE else "a request"
             await self._error(InvalidRequest(
-                "A message is a chat completion request or `{\"type\": \"cancel\"}`.",
-                param="type"))
+                f'A message is {create} or `{{"type": "{self.CANCEL}"}}`.', param="type"))
             return
+        if self.CREATE is not None:
+            del payload["type"]
         if self._in_flight is not None and not self._in_flight.done():
             await self._error(InvalidRequest(
-                "A response is in flight on this socket; cancel it or wait for `done`.",
-                code="request_already_in_flight"))
+                "A response is in flight on this socket; cancel it or wait for its end.",
+                code=self.IN_FLIGHT))
             return
         self._request.app[SOCKETS].busy(self._socket, True)
         self._in_flight = asyncio.create_task(self._respond(payload))
@@ -112,7 +120,7 @@ class ChatSocket:
         except SidecarError as exc:
             await self._error(exc)
         except asyncio.CancelledError:
-            await self._send({"type": "cancelled"})
+            await self._send({"type": self.CANCELLED})
             raise
         except ConnectionError:
             pass  # the client left; the socket's loop ends on its own
@@ -134,7 +142,7 @@ class ChatSocket:
         usage: Any = None
         send = self._socket.send_str
         try:
-            async for data in _chunks(answer):
+            async for data in chunks_of(answer):
                 if b'"usage"' in data:
                     chunk = orjson.loads(data)
                     if chunk.get("usage"):
@@ -155,12 +163,13 @@ class ChatSocket:
                 await self._socket.send_str(orjson.dumps(message).decode())
 
 
-async def _chunks(answer: Answer) -> AsyncIterator[bytes]:
+async def chunks_of(answer: Answer) -> AsyncIterator[bytes]:
     """The answer's chunks, without the empty items a silent source yields (the socket pings
     on its own)."""
     if answer.first is None:
         return
-    yield answer.first
+    if answer.first:
+        yield answer.first
     if answer.events is not None:
         async for data in answer.events:
             if data:

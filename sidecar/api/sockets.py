@@ -16,14 +16,18 @@ from sidecar.appkeys import LIMITER, SETTINGS, TICKETS, VERIFIER
 from sidecar.errors import BrowserRefused
 from sidecar.security.jwt import ANONYMOUS, Forbidden, Principal, Unauthorized
 
-# The paths whose requests the edge's guard leaves to the socket: the upgrade is refused here,
-# with the same errors, and the tenant's limits are counted per response, not per socket.
-SOCKET_PATHS = frozenset({"/v1/chat/completions/ws"})
+# The WebSocket endpoints (GET): the edge's guard leaves them to the socket, whose upgrade is
+# refused here with the same errors, and whose tenant limits count per response.
+SOCKET_PATHS = frozenset({"/v1/chat/completions/ws", "/v1/responses"})
 PING_S = 20.0
 # A browser offers two subprotocols: this one, which the server selects (a browser refuses a
 # handshake that selects none of those it offered), and `ticket.<ticket>`.
 SUBPROTOCOL = "llm-sidecar"
 TICKET_PREFIX = "ticket."
+
+
+def admits_itself(request: web.Request) -> bool:
+    return request.method == "GET" and request.path in SOCKET_PATHS
 
 
 async def admit(request: web.Request) -> Principal:

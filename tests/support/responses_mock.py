@@ -1,10 +1,13 @@
 """A fake OpenAI-compatible upstream that serves the Responses API (`POST /v1/responses`): a
 real aiohttp server on loopback, in its own thread, answering a Response object or the
 Responses SSE stream (`event:` lines named by type, no `[DONE]`), with the input's text echoed.
-Every request's raw bytes are kept in `bodies`."""
+An input that starts with "slow" is streamed one event a second. Every request's raw bytes are
+kept in `bodies`, and `aborted` is set when the sidecar leaves a stream before its end."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from typing import Any
 
 import orjson
@@ -17,6 +20,7 @@ class ResponsesUpstream(ThreadedServer):
     def __init__(self) -> None:
         super().__init__()
         self.bodies: list[bytes] = []
+        self.aborted = threading.Event()
 
     @property
     def base_url(self) -> str:
@@ -44,10 +48,17 @@ class ResponsesUpstream(ThreadedServer):
              "content_index": 0, "delta": text},
             {"type": "response.completed", "response": done},
         ]
-        for n, event in enumerate(events):
-            event["sequence_number"] = n
-            await response.write(b"event: " + event["type"].encode() + b"\ndata: "
-                                 + orjson.dumps(event) + b"\n\n")
+        slow = isinstance(given, str) and given.startswith("slow")
+        try:
+            for n, event in enumerate(events):
+                event["sequence_number"] = n
+                await response.write(b"event: " + event["type"].encode() + b"\ndata: "
+                                     + orjson.dumps(event) + b"\n\n")
+                if slow:
+                    await asyncio.sleep(1.0)
+        except (asyncio.CancelledError, ConnectionResetError):
+            self.aborted.set()
+            raise
         await response.write_eof()
         return response
 
