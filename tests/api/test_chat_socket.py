@@ -6,6 +6,7 @@ size and rate limits, and the drain's close code 1001."""
 from __future__ import annotations
 
 import asyncio
+import signal
 from pathlib import Path
 
 import aiohttp
@@ -16,6 +17,7 @@ from aiohttp import WSMsgType
 from sidecar.appkeys import SOCKETS
 from tests.support.auth_helpers import jwt_config, make_issuer
 from tests.support.in_process import no_blocking
+from tests.support.sidecar import base_config, start_sidecar
 from tests.support.upstream_mock import MockUpstream
 from tests.support.websockets import PATH, chat, make_app, opened, text_of, until_done
 
@@ -198,3 +200,24 @@ async def test_the_drain_closes_idle_sockets_at_once_and_busy_ones_after_their_r
         assert text_of([m for m in rest if "choices" in m]).endswith("t2 ")
         closing = await asyncio.wait_for(busy.receive(), 5)
         assert (closing.type, closing.data) == (WSMsgType.CLOSE, 1001)
+
+
+async def test_sigterm_closes_sockets_with_1001_after_the_response_in_flight(
+        upstream: MockUpstream, tmp_path: Path) -> None:
+    sidecar = start_sidecar(base_config(upstream), tmp_path)
+    try:
+        async with aiohttp.ClientSession() as session, \
+                session.ws_connect(sidecar.url + PATH) as idle, \
+                session.ws_connect(sidecar.url + PATH) as busy:
+            await busy.send_json(chat("finish me", mock={"chunks": 4, "chunk_delay": 0.3}))
+            await asyncio.wait_for(busy.receive_json(), 5)
+            sidecar.process.send_signal(signal.SIGTERM)
+            closing = await asyncio.wait_for(idle.receive(), 5)
+            assert (closing.type, closing.data) == (WSMsgType.CLOSE, 1001)
+            rest = await until_done(busy)
+            assert rest[-1]["type"] == "done"
+            closing = await asyncio.wait_for(busy.receive(), 5)
+            assert (closing.type, closing.data) == (WSMsgType.CLOSE, 1001)
+        assert await asyncio.to_thread(sidecar.process.wait, 10) == 0
+    finally:
+        sidecar.stop()
