@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 from pathlib import Path
 
 import aiohttp
@@ -221,3 +222,34 @@ async def test_sigterm_closes_sockets_with_1001_after_the_response_in_flight(
         assert await asyncio.to_thread(sidecar.process.wait, 10) == 0
     finally:
         sidecar.stop()
+
+
+async def test_a_thousand_idle_sockets_cost_little_memory_and_chat_is_still_served(
+        upstream: MockUpstream, tmp_path: Path) -> None:
+    sidecar = start_sidecar(base_config(upstream), tmp_path)
+    try:
+        async with aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0)) as session:
+            before = rss_bytes(sidecar.process.pid)
+            sockets = [await session.ws_connect(sidecar.url + PATH) for _ in range(1000)]
+            added = rss_bytes(sidecar.process.pid) - before
+            assert added < 150 * 1024 * 1024, f"{added / 2**20:.1f} MiB for 1,000 sockets"
+            started = time.perf_counter()
+            async with session.post(sidecar.url + "/v1/chat/completions",
+                                    json=chat("still served")) as reply:
+                assert reply.status == 200
+                assert (await reply.json())["choices"][0]["message"]["content"] == \
+                    "Hello from mock: still served"
+            assert time.perf_counter() - started < 1.0
+            await sockets[-1].send_json(chat("the last socket"))
+            assert (await until_done(sockets[-1]))[-1]["type"] == "done"
+            await asyncio.gather(*(s.close() for s in sockets))
+    finally:
+        sidecar.stop()
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
