@@ -121,3 +121,20 @@ async def test_the_socket_needs_the_token_and_the_post_keeps_the_edges_guard(
             await socket.send_json({"type": "response.create", "model": "gpt-test",
                                     "input": "signed"})
             assert (await until_end(socket))[-1]["type"] == "response.completed"
+
+
+async def test_the_openai_sdks_own_websocket_mode_gets_a_response(
+        upstream: MockUpstream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    app = make_app(upstream, tmp_path, monkeypatch)
+    async with opened(app) as (url, _):
+        sdk = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        async with sdk.responses.connect(max_retries=0) as connection:
+            await connection.response.create(model="gpt-test", input="through the sdk")
+            kinds = []
+            async for event in connection:
+                kinds.append(event.type)
+                if event.type == "response.completed":
+                    assert event.response.output_text == "Hello from mock: through the sdk"
+                    break
+        await sdk.close()
+    assert kinds[0] == "response.created" and "response.output_text.delta" in kinds
