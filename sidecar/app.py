@@ -30,6 +30,7 @@ from sidecar.api import (
 from sidecar.api.middleware import Guard, make_middleware
 from sidecar.api.sockets import OpenSockets
 from sidecar.appkeys import (
+    ACCESS_LOG,
     BACKENDS,
     CACHE,
     CACHE_SECRET,
@@ -88,6 +89,7 @@ def create_app(settings: Settings, log_writer: LineWriter | None = None) -> web.
     app[LIMITER] = limiter
     app[METRICS] = counted
     app[SOCKETS] = OpenSockets()
+    app[ACCESS_LOG] = access_log
     app[TICKETS] = TicketBook(settings.server.ws_ticket_ttl_s)
     app.cleanup_ctx.append(_http_session)
     app.cleanup_ctx.append(_auth_keys)

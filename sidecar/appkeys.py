@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 
 from sidecar.cache.redis_tier import RedisTier
 from sidecar.cache.response_cache import ResponseCache
+from sidecar.observability.logging import AccessLog
 from sidecar.observability.metrics import Metrics
 from sidecar.observability.timing import RequestContext
 from sidecar.routing.state import RouteState
@@ -37,6 +38,8 @@ READINESS: web.AppKey[Readiness] = web.AppKey("readiness")
 ROUTE_SYNC: web.AppKey[RouteSync | None] = web.AppKey("route_sync")
 SOCKETS: web.AppKey[OpenSockets] = web.AppKey("sockets")  # the open WebSockets
 TICKETS = web.AppKey("tickets", TicketBook)  # WebSocket tickets for browsers
+# The request log, for what is answered outside the edge middleware (a WebSocket's responses).
+ACCESS_LOG = web.AppKey("access_log", AccessLog)
 METRICS: web.AppKey[Metrics | None] = web.AppKey("metrics")  # None when metrics.enabled is off
 
 # Per-request state set by the edge middleware.

@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from sidecar.api.sockets import MessageRate, admit, counted, socket_response
+from sidecar.api.sockets import MessageRate, admit, counted, observed, socket_response
 from sidecar.appkeys import CONTEXT, GATEWAY, SETTINGS, SOCKETS
 from sidecar.errors import InvalidRequest, RateLimited, SidecarError
 from sidecar.exchange import Answer, Exchange
@@ -114,16 +114,21 @@ class ChatSocket:
     async def _respond(self, payload: dict[str, Any]) -> None:
         context = RequestContext(
             f"{self._request[CONTEXT].request_id}-{next(self._ids)}", self._principal)
+        status, failure = 200, None
         try:
             async with counted(self._request, self._principal):
                 await self._answer(payload, context)
         except SidecarError as exc:
+            status, failure = exc.status, exc
             await self._error(exc)
         except asyncio.CancelledError:
+            status = 499  # cancelled by the client, as for one that leaves an HTTP request
             await self._send({"type": self.CANCELLED})
             raise
         except ConnectionError:
-            pass  # the client left; the socket's loop ends on its own
+            status = 499  # the client left; the socket's loop ends on its own
+        finally:
+            observed(self._request, context, status, failure)
 
     async def _answer(self, payload: dict[str, Any], context: RequestContext) -> None:
         parsed = validate(payload, ChatCompletionRequest)

@@ -12,8 +12,9 @@ from collections.abc import AsyncIterator
 
 from aiohttp import WSCloseCode, hdrs, web
 
-from sidecar.appkeys import LIMITER, SETTINGS, TICKETS, VERIFIER
-from sidecar.errors import BrowserRefused
+from sidecar.appkeys import ACCESS_LOG, LIMITER, METRICS, SETTINGS, TICKETS, VERIFIER
+from sidecar.errors import BrowserRefused, SidecarError
+from sidecar.observability.timing import RequestContext
 from sidecar.security.jwt import ANONYMOUS, Forbidden, Principal, Unauthorized
 
 # The WebSocket endpoints (GET): the edge's guard leaves them to the socket, whose upgrade is
@@ -100,6 +101,28 @@ async def counted(request: web.Request, principal: Principal) -> AsyncIterator[N
         yield
     finally:
         limiter.leave()
+
+
+def observed(request: web.Request, context: RequestContext, status: int,
+             failure: SidecarError | None) -> None:
+    """A socket's response, logged and counted as the edge does an HTTP request: one line
+    (method `WS`, the socket's path) and the metrics, from the response's record."""
+    metrics = request.app[METRICS]
+    if metrics is not None:
+        metrics.observe(request.path, context, status, failure)
+    access_log = request.app[ACCESS_LOG]
+    if not access_log.enabled:
+        return
+    fields, timing = context.fields, context.timing
+    context.record.log_fields(fields)
+    fields["tenant"] = context.principal.tenant
+    fields["request_id"] = context.request_id
+    fields["method"] = "WS"
+    fields["path"] = request.path
+    fields["status"] = status
+    fields["duration_us"] = int(timing.elapsed_ms() * 1000)
+    fields["upstream_us"] = int(timing.upstream * 1e6)
+    access_log.write(fields)
 
 
 class MessageRate:

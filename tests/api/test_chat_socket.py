@@ -12,6 +12,7 @@ from pathlib import Path
 
 import aiohttp
 import openai
+import orjson
 import pytest
 from aiohttp import WSMsgType
 
@@ -220,6 +221,12 @@ async def test_sigterm_closes_sockets_with_1001_after_the_response_in_flight(
             closing = await asyncio.wait_for(busy.receive(), 5)
             assert (closing.type, closing.data) == (WSMsgType.CLOSE, 1001)
         assert await asyncio.to_thread(sidecar.process.wait, 10) == 0
+        # Each response on a socket is one log line, as an HTTP request is.
+        lines = [orjson.loads(line) for line in sidecar.logs().splitlines()
+                 if '"method":"WS"' in line]
+        assert len(lines) == 1
+        assert lines[0]["path"] == PATH and lines[0]["status"] == 200
+        assert lines[0]["target"] == "mock/mock-gpt"
     finally:
         sidecar.stop()
 
