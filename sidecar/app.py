@@ -14,9 +14,22 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from sidecar.api import admin, admin_engines, admin_page, anthropic, health, metrics, openai
+from sidecar.api import (
+    admin,
+    admin_engines,
+    admin_page,
+    anthropic,
+    chat_socket,
+    health,
+    metrics,
+    openai,
+    responses,
+    responses_socket,
+    ws_tickets,
+)
 from sidecar.api.middleware import Guard, make_middleware
 from sidecar.appkeys import (
+    ACCESS_LOG,
     AUDIT,
     BACKENDS,
     CACHE,
@@ -31,6 +44,8 @@ from sidecar.appkeys import (
     ROUTE_STATE,
     ROUTE_SYNC,
     SETTINGS,
+    SOCKETS,
+    TICKETS,
     VERIFIER,
 )
 from sidecar.backends.base import Backend
@@ -49,6 +64,7 @@ from sidecar.routing.shared import RouteSync
 from sidecar.routing.state import RouteState
 from sidecar.routing.table import RouteTable
 from sidecar.security.jwt import JwksFetcher, Verifier, load_static_keys
+from sidecar.security.tickets import TicketBook
 from sidecar.settings import AnthropicProviderSettings, LocalProviderSettings, Settings
 from sidecar.transport.clients import UpstreamClients
 
@@ -76,6 +92,9 @@ def create_app(settings: Settings, log_writer: LineWriter | None = None,
     app[LIMITER] = limiter
     app[METRICS] = counted
     app[AUDIT] = lineage.audit
+    app[SOCKETS] = lineage.sockets
+    app[ACCESS_LOG] = access_log
+    app[TICKETS] = TicketBook(settings.server.ws_ticket_ttl_s)
     app.cleanup_ctx.append(_http_session)
     app.cleanup_ctx.append(_auth_keys)
     app.cleanup_ctx.append(_redis)
@@ -94,6 +113,10 @@ def create_app(settings: Settings, log_writer: LineWriter | None = None,
         else lineage.process_secret
     app.add_routes(openai.routes)
     app.add_routes(anthropic.routes)
+    app.add_routes(chat_socket.routes)
+    app.add_routes(ws_tickets.routes)
+    app.add_routes(responses.routes)
+    app.add_routes(responses_socket.routes)
     app.add_routes(admin.routes)
     app.add_routes(admin_engines.routes)
     app.add_routes(health.routes)
@@ -273,3 +296,4 @@ async def _mark_started(app: web.Application) -> None:
 
 async def _mark_draining(app: web.Application) -> None:
     app[READINESS].draining = True
+    app[SOCKETS].drain()

@@ -9,6 +9,7 @@ from aiohttp import web
 
 if TYPE_CHECKING:
     from sidecar.api.admin_page import AdminPage
+    from sidecar.api.sockets import OpenSockets
     from sidecar.backends.base import Backend
     from sidecar.gateway import Gateway, Readiness
     from sidecar.lineage import Lineage
@@ -17,11 +18,13 @@ if TYPE_CHECKING:
 from sidecar.cache.redis_tier import RedisTier
 from sidecar.cache.response_cache import ResponseCache
 from sidecar.observability.audit import AuditTrail
+from sidecar.observability.logging import AccessLog
 from sidecar.observability.metrics import Metrics
 from sidecar.observability.timing import RequestContext
 from sidecar.routing.state import RouteState
 from sidecar.security.jwt import Verifier
 from sidecar.security.limits import Limiter
+from sidecar.security.tickets import TicketBook
 from sidecar.settings import Settings
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -38,6 +41,10 @@ READINESS: web.AppKey[Readiness] = web.AppKey("readiness")
 # What passes from one build of the app to the next when the config is reloaded.
 LINEAGE: web.AppKey[Lineage] = web.AppKey("lineage")
 ROUTE_SYNC: web.AppKey[RouteSync | None] = web.AppKey("route_sync")
+SOCKETS: web.AppKey[OpenSockets] = web.AppKey("sockets")  # the open WebSockets
+TICKETS = web.AppKey("tickets", TicketBook)  # WebSocket tickets for browsers
+# The request log, for what is answered outside the edge middleware (a WebSocket's responses).
+ACCESS_LOG = web.AppKey("access_log", AccessLog)
 METRICS: web.AppKey[Metrics | None] = web.AppKey("metrics")  # None when metrics.enabled is off
 AUDIT = web.AppKey("audit", AuditTrail)  # the last changes made while serving
 ADMIN_PAGE: web.AppKey[AdminPage] = web.AppKey("admin_page")  # when admin_page.enabled

@@ -28,6 +28,7 @@ from sidecar.protocol.openai_chat import (
     request_from_openai,
     request_to_openai,
 )
+from sidecar.responses_crossing import RESPONSES, cross_responses
 
 # OpenAI fields a Messages request cannot carry, refused rather than quietly dropped: the
 # client would get an answer that ignores what it asked for.
@@ -45,6 +46,8 @@ async def cross(backend: Backend, call: Call, exchange: Exchange, model: str) ->
         return await _claude_for_openai(backend, call, exchange, model)
     if exchange.protocol == ANTHROPIC and backend.protocol == OPENAI:
         return await _openai_for_claude(backend, call, exchange, model)
+    if exchange.protocol == RESPONSES:
+        return await cross_responses(backend, call, exchange, model, _claude_for_openai)
     raise InvalidRequest(f"A {exchange.protocol} request cannot be sent to a "
                          f"{backend.protocol} target.", code="unsupported_endpoint")
 

@@ -12,6 +12,7 @@ import contextlib
 import os
 from dataclasses import dataclass, field
 
+from sidecar.api.sockets import OpenSockets
 from sidecar.engines.factory import make_engine
 from sidecar.engines.worker import ThreadedEngine
 from sidecar.gateway import Readiness
@@ -82,6 +83,8 @@ class Lineage:
     engines: Engines = field(default_factory=Engines)
     # The admin changes' trail: the page's audit view shows changes made before a reload too.
     audit: AuditTrail = field(default_factory=AuditTrail)
+    # The WebSockets open now, whichever build accepted them: a stop closes them all.
+    sockets: OpenSockets = field(default_factory=OpenSockets)
     _limiter: Limiter | None = None
     _limiter_redis: str = ""
     _metrics: Metrics | None = None

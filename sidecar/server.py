@@ -15,7 +15,7 @@ from aiohttp import web
 
 from sidecar import config
 from sidecar.app import create_app
-from sidecar.appkeys import BACKENDS, READINESS
+from sidecar.appkeys import BACKENDS, READINESS, SOCKETS
 from sidecar.backends.local import LocalBackend
 from sidecar.errors import SHUTTING_DOWN
 from sidecar.live_app import LiveApp, metrics_listening
@@ -141,6 +141,7 @@ async def _drain(app: web.Application, runner: EdgeRunner, grace_s: float) -> No
     ends with an error event, not a silent cut."""
     app[READINESS].draining = True
     in_flight = runner.in_flight
+    app[SOCKETS].drain()  # idle WebSockets close now, busy ones after their response
     log.info("stopping: draining requests in flight",
              extra={"fields": {"in_flight": len(in_flight.tasks), "timeout_s": grace_s}})
     # New connections are still taken for a moment: a load balancer that has not yet seen

@@ -57,6 +57,15 @@ class ServerSettings(Struct, kw_only=True, forbid_unknown_fields=True):
     # Names a browser may use for this server in its Host header, besides the listen address
     # and the loopback names (with auth off, any other Host is refused: DNS rebinding).
     allowed_hosts: list[str] = []
+    # WebSockets: the browser origins (scheme://host[:port]) that may open one; a socket
+    # opened with any other Origin is refused (cross-site WebSocket hijacking). Empty: only
+    # clients that send no Origin (SDKs, servers).
+    ws_allowed_origins: list[str] = []
+    # The largest message a WebSocket client may send, and how many it may send a minute.
+    ws_max_message_bytes: Annotated[int, Meta(ge=1024)] = 1024 * 1024
+    ws_messages_per_minute: Annotated[int, Meta(ge=1)] = 120
+    # How long a ticket from POST /v1/ws-tickets may wait to open its one socket.
+    ws_ticket_ttl_s: PositiveFloat = 30.0
 
 
 class UpstreamSettings(Struct, kw_only=True, forbid_unknown_fields=True):
@@ -117,6 +126,9 @@ class ProviderSettings(UpstreamSettings, tag_field="kind", tag="openai"):
     """An upstream that speaks the OpenAI API (kind = "openai")."""
 
     base_url: str
+    # It serves the Responses API too (POST {base_url}/responses): Responses requests pass
+    # through to it as bytes, rather than translated into chat completions.
+    responses: bool = False
 
 
 class AnthropicProviderSettings(UpstreamSettings, tag_field="kind", tag="anthropic"):

@@ -15,6 +15,7 @@ from aiohttp.typedefs import Handler, Middleware
 from sidecar.api.anthropic import speaks_anthropic
 from sidecar.api.anthropic_writer import error_response as anthropic_error_response
 from sidecar.api.http import error_response
+from sidecar.api.sockets import admits_itself
 from sidecar.appkeys import CONTEXT, SETTINGS
 from sidecar.errors import (
     BrowserRefused,
@@ -58,7 +59,7 @@ def make_middleware(access_log: AccessLog, guard: Guard, metrics: Metrics | None
         response: web.StreamResponse
         failure: SidecarError | None = None  # for the metrics: a refusal's kind
         try:
-            if guard.applies(request.path):
+            if guard.applies(request.path) and not admits_itself(request):
                 await guard.admit(request, context)
                 try:
                     response = await handler(request)

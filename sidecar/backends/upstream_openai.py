@@ -20,6 +20,7 @@ class OpenAIUpstream(HttpUpstream):
     def __init__(self, name: str, settings: ProviderSettings, api_key: Secret | None,
                  client: UpstreamClient, heartbeat_s: float) -> None:
         super().__init__(name, settings, settings.base_url, api_key, client, heartbeat_s)
+        self.responses = settings.responses  # Responses requests pass through as bytes
 
     def auth_headers(self, key: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {key}"}

@@ -328,7 +328,9 @@ def messages_usage(data: bytes, before: tuple[int, int, int, int] | None = None
         return before
     if not isinstance(parsed, dict):
         return before
-    message = parsed.get("message")
+    # Messages' message_start nests it in `message`; a Responses stream's final event in
+    # `response` (its names are the same: input_tokens, output_tokens).
+    message = parsed.get("message") or parsed.get("response")
     raw = (message if isinstance(message, dict) else parsed).get("usage")
     if not isinstance(raw, dict):
         return before
