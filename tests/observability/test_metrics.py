@@ -197,7 +197,25 @@ def test_a_stream_counts_as_streamed_with_its_time_to_first_token(metered: Sidec
                         ("gen_ai_server_time_to_first_token_seconds_sum",)).items()
     # The upstream's wait is in it, and it ends before the client saw the first event.
     assert delay <= ttft <= first_seen
-    assert ttft - delay < 0.1, ttft
+
+
+def test_time_to_first_token_is_the_upstreams_wait_within_5_ms(metered: Sidecar) -> None:
+    # A loaded machine can only add to what is measured (it never ends before the upstream's
+    # first byte), so the best of a few streams shows the measure's own precision.
+    delay, extra = 0.2, []
+    for _ in range(5):
+        before = scrape(metered)
+        with httpx.stream("POST", metered.base_url + "/chat/completions", timeout=30, json={
+                "model": "gpt-test", "messages": USER, "stream": True,
+                "mock": {"delay_s": delay}}) as response:
+            assert "data: [DONE]" in list(response.iter_lines())
+        [(_, ttft)] = moved(before, scrape(metered),
+                            ("gen_ai_server_time_to_first_token_seconds_sum",)).items()
+        assert ttft >= delay
+        extra.append(ttft - delay)
+        if ttft - delay < 0.005:
+            break
+    assert min(extra) < 0.005, extra
 
 
 def test_a_stream_with_usage_observes_its_tokens_and_time_per_token(metered: Sidecar) -> None:
