@@ -27,9 +27,11 @@ from sidecar.security.sessions import Session, SessionStore
 from sidecar.settings import Settings
 
 # Every page and static file: no script but our own file, no framing, no sniffing, no
-# Referer leaving with a page's URL, and nothing cached by the browser or a proxy.
+# Referer leaving with a page's URL, and nothing cached by the browser or a proxy. Forms post
+# only here, and an injected <base> cannot move relative links and form targets elsewhere.
 SECURITY_HEADERS = {
-    "Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'",
+    "Content-Security-Policy": ("default-src 'self'; frame-ancestors 'none'; "
+                                "form-action 'self'; base-uri 'none'"),
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
     "X-Frame-Options": "DENY",
