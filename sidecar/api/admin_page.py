@@ -55,6 +55,7 @@ def install(app: web.Application) -> None:
                          # A name a template misspells fails its test instead of showing blank.
                          undefined=jinja2.StrictUndefined)
     app.cleanup_ctx.append(_make_part(templates))
+    app.on_response_prepare.append(_page_headers)
     # Imported here: the pages' module uses this one's helpers (render, page, see_other).
     from sidecar.api import admin_page_views
 
@@ -68,6 +69,21 @@ def install(app: web.Application) -> None:
             app.router.add_post(path, page(handler, changes=True))
         else:
             app.router.add_get(path, page(handler))
+
+
+def is_page_path(path: str) -> bool:
+    """Under /admin/ but not the JSON admin API: answered as the page's."""
+    if path.startswith("/admin/api/") or path == "/admin/api":
+        return False
+    return path == "/admin" or path.startswith("/admin/")
+
+
+async def _page_headers(request: web.Request, response: web.StreamResponse) -> None:
+    # Every answer under the page's paths, errors included (an unknown file, a wrong method,
+    # aiohttp's own 404 and 405), carries the page's security headers.
+    if is_page_path(request.path):
+        for name, value in SECURITY_HEADERS.items():
+            response.headers.setdefault(name, value)
 
 
 def _make_part(templates: dict[str, str]

@@ -1,0 +1,82 @@
+"""The admin page against what another site can make a browser do, over plain HTTP with the
+app served in the test's loop: security headers on every answer under /admin/ (errors too),
+no confirm form prepared by a link from elsewhere, CSRF tokens that no flood of visits can
+evict, a limit on login attempts per address, and the cookie's Secure setting."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from sidecar import config
+from sidecar.app import create_app
+from tests.api.test_admin_page import CSP, settings_for
+from tests.support.admin_page import PageClient
+from tests.support.auth_helpers import Issuer, jwt_config, make_issuer
+from tests.support.in_process import serving
+from tests.support.sidecar import UPSTREAM_KEY
+from tests.support.upstream_mock import MockUpstream
+
+LOCAL_ENGINE = """
+[providers.local]
+kind = "local"
+engine = "transformers"
+max_seq_len = 256
+max_batch_size = 1
+
+[models."local"]
+targets = [ { provider = "local" } ]
+"""
+
+
+@pytest.fixture(scope="module")
+def issuer(tmp_path_factory: pytest.TempPathFactory) -> Issuer:
+    return make_issuer(tmp_path_factory.mktemp("issuer"))
+
+
+async def _client(settings: config.Settings) -> AsyncIterator[PageClient]:
+    async with serving(create_app(settings)) as url, aiohttp.ClientSession(
+            cookie_jar=aiohttp.DummyCookieJar()) as http:
+        yield PageClient(http, url)
+
+
+@pytest.fixture
+async def secured(mock_upstream: MockUpstream, issuer: Issuer, tmp_path: Path,
+                  monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[PageClient]:
+    monkeypatch.setenv("MOCK_UPSTREAM_KEY", UPSTREAM_KEY)
+    auth = jwt_config(f'public_key_file = "{issuer.public_path}"')
+    async for client in _client(settings_for(mock_upstream, tmp_path, auth)):
+        yield client
+
+
+@pytest.fixture
+async def local(mock_upstream: MockUpstream, tmp_path: Path,
+                monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[PageClient]:
+    """Auth off, with a local provider whose engine the page can load and unload."""
+    monkeypatch.setenv("MOCK_UPSTREAM_KEY", UPSTREAM_KEY)
+    async for client in _client(settings_for(mock_upstream, tmp_path, LOCAL_ENGINE)):
+        yield client
+
+
+# -- headers -------------------------------------------------------------------------------
+
+
+async def test_errors_under_admin_carry_the_security_headers(secured: PageClient) -> None:
+    for method, path, status in [("GET", "/admin/static/nope.js", 404),
+                                 ("GET", "/admin/nope", 404), ("PUT", "/admin/login", 405),
+                                 ("POST", "/admin/", 405)]:
+        async with secured.http.request(method, secured.url + path,
+                                        allow_redirects=False) as answer:
+            assert answer.status == status, (method, path)
+            assert answer.headers.get("Content-Security-Policy") == CSP, (method, path)
+            assert answer.headers.get("X-Content-Type-Options") == "nosniff", (method, path)
+            assert answer.headers.get("X-Frame-Options") == "DENY", (method, path)
+            assert answer.headers.get("Cache-Control") == "no-store", (method, path)
+            assert (await answer.json())["error"]["message"], (method, path)
+    # The JSON API's answers are not pages: no page policy there.
+    async with secured.http.get(secured.url + "/admin/api/nope") as answer:
+        assert answer.status in (401, 404)
+        assert "Content-Security-Policy" not in answer.headers
