@@ -91,8 +91,8 @@ def _make_part(templates: dict[str, str]
     async def admin_page(app: web.Application) -> AsyncIterator[None]:
         settings = app[SETTINGS]
         verifier = app[VERIFIER]
-        # With auth off a session only carries the forms' CSRF token for the one local
-        # browser: kept in this process, so page views cannot fill a shared Redis.
+        # Sessions are logins: with auth off there are none (PageAccess derives the forms'
+        # CSRF tokens from a cookie instead), so page views never reach a shared Redis.
         shared = app[REDIS] if verifier is not None else None
         part = AdminPage(PageAccess(settings, verifier,
                                     SessionStore(settings.admin_page.max_sessions, shared)))
@@ -144,7 +144,7 @@ def page(handler: PageHandler, *, changes: bool = False) -> Handler:
                 return secured(await handler(request, visit, None))
             if access.auth_on:
                 return secured(see_other("/admin/login"))
-            visit = await access.open_local()
+            visit = access.open_local()
             response = await handler(request, visit, None)
             access.set_cookie(response, access.cookie, visit.session_id,
                               int(visit.session.expires - time.time()))
@@ -239,7 +239,8 @@ async def _login(request: web.Request) -> web.StreamResponse:
 
 async def _logout(request: web.Request, visit: Visit, form: Form | None) -> web.StreamResponse:
     access = request.app[ADMIN_PAGE].access
-    await access.sessions.close(visit.session_id)
+    if access.auth_on:
+        await access.sessions.close(visit.session_id)
     response = see_other("/admin/login" if access.auth_on else "/admin/")
     access.clear_cookie(response, access.cookie)
     return response

@@ -1,12 +1,13 @@
 """Who may use the admin page, and how a browser proves it on every request.
 
 Auth off: the page is open where the JSON admin API is (loopback), with the same Host and
-Origin checks. Auth on: a login form takes an admin-scope token, checks it as the API does and
-opens a server-side session (sidecar/security/sessions.py); the browser keeps only the
-session's id, in an HttpOnly, SameSite=Strict cookie. Either way every state-changing form
-carries the session's CSRF token and is refused when Origin or Sec-Fetch-Site says another
-site sent it; the login form carries a nonce of its own. The JSON admin API never reads the
-cookie (it takes Bearer tokens only)."""
+Origin checks; the forms' CSRF token is derived from a cookie, with nothing kept per visit
+(sidecar/security/local_visits.py). Auth on: a login form takes an admin-scope token, checks
+it as the API does and opens a server-side session (sidecar/security/sessions.py); the
+browser keeps only the session's id, in an HttpOnly, SameSite=Strict cookie. Either way every
+state-changing form carries the session's CSRF token and is refused when Origin or
+Sec-Fetch-Site says another site sent it; the login form carries a nonce of its own. The JSON
+admin API never reads the cookie (it takes Bearer tokens only)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from multidict import MultiDictProxy
 from sidecar.api.middleware import BrowserCheck
 from sidecar.errors import BrowserRefused, InvalidRequest, UnsupportedMediaType
 from sidecar.security.jwt import Forbidden, Unauthorized, Verifier
+from sidecar.security.local_visits import LocalVisits
 from sidecar.security.sessions import Session, SessionStore
 from sidecar.settings import Settings
 
@@ -60,6 +62,8 @@ class PageAccess:
         self._admin_scope = settings.auth.admin_scope
         self._ttl = settings.admin_page.session_ttl_s
         self.sessions = sessions
+        # Auth off: no sessions kept, only cookies and the CSRF tokens derived from them.
+        self._local = LocalVisits(self._ttl) if verifier is None else None
         self._browsers = BrowserCheck(settings)
         self.tls = bool(settings.server.tls_cert)
         # Over TLS the __Host- prefix pins the cookie to this origin (no Domain, Secure);
@@ -88,12 +92,18 @@ class PageAccess:
         rebound DNS name could read it); a link from another site still opens the page."""
         self._browsers.check_host(request)
         session_id = request.cookies.get(self.cookie, "")
-        session = await self.sessions.get(session_id) if session_id else None
+        if not session_id:
+            return None
+        if self._local is not None:
+            session = self._local.get(session_id)
+        else:
+            session = await self.sessions.get(session_id)
         return Visit(session_id, session) if session is not None else None
 
-    async def open_local(self) -> Visit:
-        """Auth off: a session of the one local operator, for the forms' CSRF tokens."""
-        session_id, session = await self.sessions.open("anonymous", self._ttl)
+    def open_local(self) -> Visit:
+        """Auth off: the one local operator's cookie, for the forms' CSRF tokens."""
+        assert self._local is not None, "a local visit is opened only with auth off"
+        session_id, session = self._local.open()
         return Visit(session_id, session)
 
     def check_sender(self, request: web.Request) -> None:

@@ -80,3 +80,34 @@ async def test_errors_under_admin_carry_the_security_headers(secured: PageClient
     async with secured.http.get(secured.url + "/admin/api/nope") as answer:
         assert answer.status in (401, 404)
         assert "Content-Security-Policy" not in answer.headers
+
+
+# -- auth off: CSRF tokens without sessions ------------------------------------------------
+
+
+async def test_visits_from_elsewhere_cannot_evict_the_operators_form(
+        mock_upstream: MockUpstream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MOCK_UPSTREAM_KEY", UPSTREAM_KEY)
+    settings = settings_for(mock_upstream, tmp_path, "\n[admin_page]\nmax_sessions = 2\n")
+    async for operator in _client(settings):
+        page = await operator.get("/admin/cache")
+        assert page.status == 200
+        csrf, cookies = page.field("csrf"), dict(operator.cookies)
+        # Another site's page makes the browser load /admin/ without the Strict cookie,
+        # far more often than sessions would be kept.
+        for _ in range(20):
+            async with operator.http.get(operator.url + "/admin/",
+                                         headers={"Sec-Fetch-Site": "cross-site"}) as answer:
+                assert answer.status == 200
+                await answer.read()
+        operator.cookies = cookies
+        flushed = await operator.post("/admin/cache", {"csrf": csrf, "scope": "all"},
+                                      Sec_Fetch_Site="same-origin")
+        assert flushed.status == 303, flushed.text[:200]
+        # A token is good only with the cookie it came with.
+        operator.cookies = {}
+        other = await operator.get("/admin/cache")
+        assert other.field("csrf") != csrf
+        refused = await operator.post("/admin/cache", {"csrf": csrf, "scope": "all"},
+                                      Sec_Fetch_Site="same-origin")
+        assert refused.status == 403 and "CSRF" in refused.text
