@@ -64,11 +64,11 @@ def install(app: web.Application) -> None:
     app.router.add_get("/admin/login", _login_form)
     app.router.add_post("/admin/login", _login)
     app.router.add_post("/admin/logout", page(_logout, changes=True))
-    for path, handler, changes in admin_page_views.PAGES:
-        if changes:
+    for path, handler, kind in admin_page_views.PAGES:
+        if kind == "form":
             app.router.add_post(path, page(handler, changes=True))
         else:
-            app.router.add_get(path, page(handler))
+            app.router.add_get(path, page(handler, prepares=kind == "prepare"))
 
 
 def is_page_path(path: str) -> bool:
@@ -124,13 +124,16 @@ def secured(response: web.StreamResponse) -> web.StreamResponse:
     return response
 
 
-def page(handler: PageHandler, *, changes: bool = False) -> Handler:
+def page(handler: PageHandler, *, changes: bool = False, prepares: bool = False) -> Handler:
     """A page (GET) or a form's target (POST, `changes`): the session is checked first; a
-    form must also come from this site and carry the session's CSRF token."""
+    form must also come from this site and carry the session's CSRF token. A page that
+    `prepares` a change must be asked for by this site's page (or typed in)."""
 
     async def serve(request: web.Request) -> web.StreamResponse:
         access = request.app[ADMIN_PAGE].access
         try:
+            if prepares:
+                access.check_prepared_here(request)
             visit = await access.visit(request)
             if changes:
                 access.check_sender(request)

@@ -53,6 +53,8 @@ class Visit:
 
     session_id: str
     session: Session
+    # Auth off: this very request set the cookie (it came without one).
+    opened_now: bool = False
 
 
 class PageAccess:
@@ -104,7 +106,18 @@ class PageAccess:
         """Auth off: the one local operator's cookie, for the forms' CSRF tokens."""
         assert self._local is not None, "a local visit is opened only with auth off"
         session_id, session = self._local.open()
-        return Visit(session_id, session)
+        return Visit(session_id, session, opened_now=True)
+
+    def check_prepared_here(self, request: web.Request) -> None:
+        """A page that prepares a change (a confirm step, its form pre-filled from the URL)
+        is shown only when this site's page, or the user typing the URL, asked for it: a link
+        from another site would put its own values into a form holding a valid token."""
+        self._browsers.check_host(request)
+        site = request.headers.get("Sec-Fetch-Site")
+        if site is not None and site not in _OWN_SITE:
+            raise BrowserRefused(f"A change prepared by a link from another site "
+                                 f"(`Sec-Fetch-Site: {site[:40]}`) is not shown; choose it "
+                                 "on this page.")
 
     def check_sender(self, request: web.Request) -> None:
         """Refuse a request that another site's page made the browser send: a Host that is

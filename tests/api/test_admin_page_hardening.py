@@ -111,3 +111,29 @@ async def test_visits_from_elsewhere_cannot_evict_the_operators_form(
         refused = await operator.post("/admin/cache", {"csrf": csrf, "scope": "all"},
                                       Sec_Fetch_Site="same-origin")
         assert refused.status == 403 and "CSRF" in refused.text
+
+
+# -- auth off: a confirm step only from this page ------------------------------------------
+
+CONFIRM_LOAD = "/admin/engines/confirm?name=local&action=load&model=/tmp/elsewhere-model"
+
+
+async def test_a_link_from_elsewhere_cannot_prepare_an_engine_change(local: PageClient) -> None:
+    # Another site links to the confirm step: refused, nothing of the change on the page.
+    for site in ("cross-site", "same-site"):
+        linked = await local.get(CONFIRM_LOAD, Sec_Fetch_Site=site)
+        assert linked.status == 403, site
+        assert linked.json_error["type"] == "permission_error"
+        assert "elsewhere-model" not in linked.text and 'name="csrf"' not in linked.text
+    # A browser that does not say where the request came from, without the page's cookie:
+    # the engines page, not a confirm form holding a token of the visit this request opened.
+    local.cookies = {}
+    fresh = await local.get(CONFIRM_LOAD)
+    assert fresh.status == 200 and "sidecar_session" in local.cookies
+    assert "elsewhere-model" not in fresh.text and 'value="yes"' not in fresh.text
+    assert "Choose the change on this page" in fresh.text
+    # The operator's own step, from the engines page: the confirm form.
+    mine = await local.get(CONFIRM_LOAD, Sec_Fetch_Site="same-origin")
+    assert mine.status == 200
+    assert 'name="model" value="/tmp/elsewhere-model"' in mine.text
+    assert mine.field("csrf")
