@@ -218,6 +218,8 @@ def _login_page(request: web.Request, error: str, status: int) -> web.Response:
 async def _login(request: web.Request) -> web.StreamResponse:
     access = request.app[ADMIN_PAGE].access
     try:
+        # Before anything costs a verification or a log line.
+        access.login_attempts.take(request.remote or "")
         access.check_sender(request)
         form = await access.form(request)
         access.check_login_nonce(request, form)

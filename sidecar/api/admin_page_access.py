@@ -25,6 +25,7 @@ from sidecar.api.middleware import BrowserCheck
 from sidecar.errors import BrowserRefused, InvalidRequest, UnsupportedMediaType
 from sidecar.security.jwt import Forbidden, Unauthorized, Verifier
 from sidecar.security.local_visits import LocalVisits
+from sidecar.security.login_attempts import LoginAttempts
 from sidecar.security.sessions import Session, SessionStore
 from sidecar.settings import Settings
 
@@ -64,6 +65,7 @@ class PageAccess:
         self._admin_scope = settings.auth.admin_scope
         self._ttl = settings.admin_page.session_ttl_s
         self.sessions = sessions
+        self.login_attempts = LoginAttempts(settings.admin_page.login_attempts_per_minute)
         # Auth off: no sessions kept, only cookies and the CSRF tokens derived from them.
         self._local = LocalVisits(self._ttl) if verifier is None else None
         self._browsers = BrowserCheck(settings)

@@ -13,7 +13,9 @@ import pytest
 
 from sidecar import config
 from sidecar.app import create_app
-from tests.api.test_admin_page import CSP, settings_for
+from sidecar.errors import RateLimited
+from sidecar.security.login_attempts import LoginAttempts
+from tests.api.test_admin_page import CSP, admin_token, settings_for
 from tests.support.admin_page import PageClient
 from tests.support.auth_helpers import Issuer, jwt_config, make_issuer
 from tests.support.in_process import serving
@@ -137,3 +139,44 @@ async def test_a_link_from_elsewhere_cannot_prepare_an_engine_change(local: Page
     assert mine.status == 200
     assert 'name="model" value="/tmp/elsewhere-model"' in mine.text
     assert mine.field("csrf")
+
+
+# -- login attempts ------------------------------------------------------------------------
+
+
+async def test_login_attempts_are_limited_per_address(
+        mock_upstream: MockUpstream, issuer: Issuer, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("MOCK_UPSTREAM_KEY", UPSTREAM_KEY)
+    auth = jwt_config(f'public_key_file = "{issuer.public_path}"')
+    limit = "\n[admin_page]\nlogin_attempts_per_minute = 3\n"
+    async for browser in _client(settings_for(mock_upstream, tmp_path, auth + limit)):
+        nonce = (await browser.get("/admin/login")).field("nonce")
+        for _ in range(3):
+            refused = await browser.post("/admin/login", {"token": "not.a.token",
+                                                          "nonce": nonce})
+            assert refused.status == 401
+            nonce = refused.field("nonce")  # each refusal shows the form with a new nonce
+        caplog.clear()
+        # Past the limit: refused before the token is read, even a good one, and unlogged.
+        for token in ("not.a.token", admin_token(issuer)):
+            limited = await browser.post("/admin/login", {"token": token, "nonce": nonce})
+            assert limited.status == 429
+            assert limited.json_error["type"] == "rate_limit_error"
+            assert 1 <= int(limited.headers["Retry-After"]) <= 60
+            assert limited.headers["Cache-Control"] == "no-store"
+            assert "sidecar_session" not in browser.cookies
+        assert not [r for r in caplog.records if "login refused" in r.getMessage()]
+
+
+def test_login_attempts_remember_a_bounded_number_of_addresses() -> None:
+    attempts = LoginAttempts(per_minute=1, max_addresses=2)
+    attempts.take("192.0.2.1")
+    with pytest.raises(RateLimited):
+        attempts.take("192.0.2.1")
+    attempts.take("192.0.2.2")
+    attempts.take("192.0.2.3")  # the table is full: the least recently seen goes
+    assert len(attempts._seen) == 2 and "192.0.2.1" not in attempts._seen
+    attempts.take("192.0.2.1")
+    with pytest.raises(RateLimited):
+        attempts.take("192.0.2.3")
