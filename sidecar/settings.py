@@ -258,6 +258,9 @@ class AdminPageSettings(Struct, kw_only=True, forbid_unknown_fields=True):
     max_sessions: Annotated[int, Meta(ge=1, le=100_000)] = 1000
     # Login form posts accepted from one remote address in a minute; past it, 429.
     login_attempts_per_minute: Annotated[int, Meta(ge=1, le=10_000)] = 10
+    # Secure, __Host- cookies: "auto" when the sidecar itself ends TLS (server.tls_cert); true
+    # when TLS ends in front of it (a proxy), false never.
+    secure_cookies: Literal["auto"] | bool = "auto"
 
 
 class Settings(Struct, kw_only=True, forbid_unknown_fields=True):

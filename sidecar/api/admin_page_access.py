@@ -69,14 +69,16 @@ class PageAccess:
         # Auth off: no sessions kept, only cookies and the CSRF tokens derived from them.
         self._local = LocalVisits(self._ttl) if verifier is None else None
         self._browsers = BrowserCheck(settings)
-        self.tls = bool(settings.server.tls_cert)
+        secure = settings.admin_page.secure_cookies
+        # "auto": Secure when this process ends TLS; a proxy that ends it says so by config.
+        self.secure_cookies = bool(settings.server.tls_cert) if secure == "auto" else secure
         # Over TLS the __Host- prefix pins the cookie to this origin (no Domain, Secure);
         # browsers accept that prefix only with Path=/, so over TLS the path is /. The JSON
         # admin API and /v1/ never read it.
-        prefix = "__Host-" if self.tls else ""
+        prefix = "__Host-" if self.secure_cookies else ""
         self.cookie = f"{prefix}sidecar_session"
         self.login_cookie = f"{prefix}sidecar_login"
-        self._path = "/" if self.tls else "/admin"
+        self._path = "/" if self.secure_cookies else "/admin"
 
     @property
     def auth_on(self) -> bool:
@@ -85,7 +87,7 @@ class PageAccess:
     def set_cookie(self, response: web.StreamResponse, name: str, value: str,
                    max_age: int) -> None:
         response.set_cookie(name, value, max_age=max_age, path=self._path, httponly=True,
-                            secure=self.tls, samesite="Strict")
+                            secure=self.secure_cookies, samesite="Strict")
 
     def clear_cookie(self, response: web.StreamResponse, name: str) -> None:
         self.set_cookie(response, name, "", 0)

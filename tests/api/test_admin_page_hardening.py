@@ -180,3 +180,28 @@ def test_login_attempts_remember_a_bounded_number_of_addresses() -> None:
     attempts.take("192.0.2.1")
     with pytest.raises(RateLimited):
         attempts.take("192.0.2.3")
+
+
+# -- Secure cookies ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("setting", "secure"), [("true", True), ('"auto"', False),
+                                                  ("false", False)])
+async def test_secure_cookies_follow_the_setting(
+        mock_upstream: MockUpstream, issuer: Issuer, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, setting: str, secure: bool) -> None:
+    """Plain HTTP here: `true` is for TLS ended in front of the sidecar, `auto` follows
+    server.tls_cert (tests/api/test_admin_page_sessions.py has the TLS case)."""
+    monkeypatch.setenv("MOCK_UPSTREAM_KEY", UPSTREAM_KEY)
+    auth = jwt_config(f'public_key_file = "{issuer.public_path}"')
+    extra = f"\n[admin_page]\nsecure_cookies = {setting}\n"
+    async for browser in _client(settings_for(mock_upstream, tmp_path, auth + extra)):
+        answer = await browser.log_in(admin_token(issuer))
+        assert answer.status == 303
+        prefix = "__Host-" if secure else ""
+        session = next(c for c in answer.set_cookies
+                       if c.startswith(f"{prefix}sidecar_session="))
+        parts = {p.strip().lower() for p in session.split(";")[1:]}
+        assert ("secure" in parts) is secure
+        assert ("path=/" if secure else "path=/admin") in parts
+        assert (await browser.get("/admin/")).status == 200
