@@ -293,6 +293,11 @@ class AdminPageSettings(Struct, kw_only=True, forbid_unknown_fields=True):
     session_ttl_s: Annotated[float, Meta(gt=0, le=28_800)] = 28_800.0
     # Sessions kept in this process when there is no Redis; the oldest go first.
     max_sessions: Annotated[int, Meta(ge=1, le=100_000)] = 1000
+    # Login form posts accepted from one remote address in a minute; past it, 429.
+    login_attempts_per_minute: Annotated[int, Meta(ge=1, le=10_000)] = 10
+    # Secure, __Host- cookies: "auto" when the sidecar itself ends TLS (server.tls_cert); true
+    # when TLS ends in front of it (a proxy), false never.
+    secure_cookies: Literal["auto"] | bool = "auto"
 
 
 class Settings(Struct, kw_only=True, forbid_unknown_fields=True):

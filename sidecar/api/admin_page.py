@@ -54,6 +54,7 @@ def install(app: web.Application) -> None:
                          # A name a template misspells fails its test instead of showing blank.
                          undefined=jinja2.StrictUndefined)
     app.cleanup_ctx.append(_make_part(templates))
+    app.on_response_prepare.append(_page_headers)
     # Imported here: the pages' module uses this one's helpers (render, page, see_other).
     from sidecar.api import admin_page_views
 
@@ -62,11 +63,26 @@ def install(app: web.Application) -> None:
     app.router.add_get("/admin/login", _login_form)
     app.router.add_post("/admin/login", _login)
     app.router.add_post("/admin/logout", page(_logout, changes=True))
-    for path, handler, changes in admin_page_views.PAGES:
-        if changes:
+    for path, handler, kind in admin_page_views.PAGES:
+        if kind == "form":
             app.router.add_post(path, page(handler, changes=True))
         else:
-            app.router.add_get(path, page(handler))
+            app.router.add_get(path, page(handler, prepares=kind == "prepare"))
+
+
+def is_page_path(path: str) -> bool:
+    """Under /admin/ but not the JSON admin API: answered as the page's."""
+    if path.startswith("/admin/api/") or path == "/admin/api":
+        return False
+    return path == "/admin" or path.startswith("/admin/")
+
+
+async def _page_headers(request: web.Request, response: web.StreamResponse) -> None:
+    # Every answer under the page's paths, errors included (an unknown file, a wrong method,
+    # aiohttp's own 404 and 405), carries the page's security headers.
+    if is_page_path(request.path):
+        for name, value in SECURITY_HEADERS.items():
+            response.headers.setdefault(name, value)
 
 
 def _make_part(templates: dict[str, str]
@@ -74,8 +90,8 @@ def _make_part(templates: dict[str, str]
     async def admin_page(app: web.Application) -> AsyncIterator[None]:
         settings = app[SETTINGS]
         verifier = app[VERIFIER]
-        # With auth off a session only carries the forms' CSRF token for the one local
-        # browser: kept in this process, so page views cannot fill a shared Redis.
+        # Sessions are logins: with auth off there are none (PageAccess derives the forms'
+        # CSRF tokens from a cookie instead), so page views never reach a shared Redis.
         shared = app[REDIS] if verifier is not None else None
         part = AdminPage(PageAccess(settings, verifier,
                                     SessionStore(settings.admin_page.max_sessions, shared)))
@@ -109,13 +125,16 @@ def secured(response: web.StreamResponse) -> web.StreamResponse:
     return response
 
 
-def page(handler: PageHandler, *, changes: bool = False) -> Handler:
+def page(handler: PageHandler, *, changes: bool = False, prepares: bool = False) -> Handler:
     """A page (GET) or a form's target (POST, `changes`): the session is checked first; a
-    form must also come from this site and carry the session's CSRF token."""
+    form must also come from this site and carry the session's CSRF token. A page that
+    `prepares` a change must be asked for by this site's page (or typed in)."""
 
     async def serve(request: web.Request) -> web.StreamResponse:
         access = request.app[ADMIN_PAGE].access
         try:
+            if prepares:
+                access.check_prepared_here(request)
             visit = await access.visit(request)
             if changes:
                 access.check_sender(request)
@@ -129,7 +148,7 @@ def page(handler: PageHandler, *, changes: bool = False) -> Handler:
                 return secured(await handler(request, visit, None))
             if access.auth_on:
                 return secured(see_other("/admin/login"))
-            visit = await access.open_local()
+            visit = access.open_local()
             response = await handler(request, visit, None)
             access.set_cookie(response, access.cookie, visit.session_id,
                               int(visit.session.expires - time.time()))
@@ -200,6 +219,8 @@ def _login_page(request: web.Request, error: str, status: int) -> web.Response:
 async def _login(request: web.Request) -> web.StreamResponse:
     access = request.app[ADMIN_PAGE].access
     try:
+        # Before anything costs a verification or a log line.
+        access.login_attempts.take(request.remote or "")
         access.check_sender(request)
         form = await access.form(request)
         access.check_login_nonce(request, form)
@@ -224,7 +245,8 @@ async def _login(request: web.Request) -> web.StreamResponse:
 
 async def _logout(request: web.Request, visit: Visit, form: Form | None) -> web.StreamResponse:
     access = request.app[ADMIN_PAGE].access
-    await access.sessions.close(visit.session_id)
+    if access.auth_on:
+        await access.sessions.close(visit.session_id)
     response = see_other("/admin/login" if access.auth_on else "/admin/")
     access.clear_cookie(response, access.cookie)
     return response

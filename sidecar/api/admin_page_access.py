@@ -1,12 +1,13 @@
 """Who may use the admin page, and how a browser proves it on every request.
 
 Auth off: the page is open where the JSON admin API is (loopback), with the same Host and
-Origin checks. Auth on: a login form takes an admin-scope token, checks it as the API does and
-opens a server-side session (sidecar/security/sessions.py); the browser keeps only the
-session's id, in an HttpOnly, SameSite=Strict cookie. Either way every state-changing form
-carries the session's CSRF token and is refused when Origin or Sec-Fetch-Site says another
-site sent it; the login form carries a nonce of its own. The JSON admin API never reads the
-cookie (it takes Bearer tokens only)."""
+Origin checks; the forms' CSRF token is derived from a cookie, with nothing kept per visit
+(sidecar/security/local_visits.py). Auth on: a login form takes an admin-scope token, checks
+it as the API does and opens a server-side session (sidecar/security/sessions.py); the
+browser keeps only the session's id, in an HttpOnly, SameSite=Strict cookie. Either way every
+state-changing form carries the session's CSRF token and is refused when Origin or
+Sec-Fetch-Site says another site sent it; the login form carries a nonce of its own. The JSON
+admin API never reads the cookie (it takes Bearer tokens only)."""
 
 from __future__ import annotations
 
@@ -23,13 +24,17 @@ from multidict import MultiDictProxy
 from sidecar.api.middleware import BrowserCheck
 from sidecar.errors import BrowserRefused, InvalidRequest, UnsupportedMediaType
 from sidecar.security.jwt import Forbidden, Unauthorized, Verifier
+from sidecar.security.local_visits import LocalVisits
+from sidecar.security.login_attempts import LoginAttempts
 from sidecar.security.sessions import Session, SessionStore
 from sidecar.settings import Settings
 
 # Every page and static file: no script but our own file, no framing, no sniffing, no
-# Referer leaving with a page's URL, and nothing cached by the browser or a proxy.
+# Referer leaving with a page's URL, and nothing cached by the browser or a proxy. Forms post
+# only here, and an injected <base> cannot move relative links and form targets elsewhere.
 SECURITY_HEADERS = {
-    "Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'",
+    "Content-Security-Policy": ("default-src 'self'; frame-ancestors 'none'; "
+                                "form-action 'self'; base-uri 'none'"),
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
     "X-Frame-Options": "DENY",
@@ -49,6 +54,8 @@ class Visit:
 
     session_id: str
     session: Session
+    # Auth off: this very request set the cookie (it came without one).
+    opened_now: bool = False
 
 
 class PageAccess:
@@ -58,15 +65,20 @@ class PageAccess:
         self._admin_scope = settings.auth.admin_scope
         self._ttl = settings.admin_page.session_ttl_s
         self.sessions = sessions
+        self.login_attempts = LoginAttempts(settings.admin_page.login_attempts_per_minute)
+        # Auth off: no sessions kept, only cookies and the CSRF tokens derived from them.
+        self._local = LocalVisits(self._ttl) if verifier is None else None
         self._browsers = BrowserCheck(settings)
-        self.tls = bool(settings.server.tls_cert)
+        secure = settings.admin_page.secure_cookies
+        # "auto": Secure when this process ends TLS; a proxy that ends it says so by config.
+        self.secure_cookies = bool(settings.server.tls_cert) if secure == "auto" else secure
         # Over TLS the __Host- prefix pins the cookie to this origin (no Domain, Secure);
         # browsers accept that prefix only with Path=/, so over TLS the path is /. The JSON
         # admin API and /v1/ never read it.
-        prefix = "__Host-" if self.tls else ""
+        prefix = "__Host-" if self.secure_cookies else ""
         self.cookie = f"{prefix}sidecar_session"
         self.login_cookie = f"{prefix}sidecar_login"
-        self._path = "/" if self.tls else "/admin"
+        self._path = "/" if self.secure_cookies else "/admin"
 
     @property
     def auth_on(self) -> bool:
@@ -75,7 +87,7 @@ class PageAccess:
     def set_cookie(self, response: web.StreamResponse, name: str, value: str,
                    max_age: int) -> None:
         response.set_cookie(name, value, max_age=max_age, path=self._path, httponly=True,
-                            secure=self.tls, samesite="Strict")
+                            secure=self.secure_cookies, samesite="Strict")
 
     def clear_cookie(self, response: web.StreamResponse, name: str) -> None:
         self.set_cookie(response, name, "", 0)
@@ -86,13 +98,30 @@ class PageAccess:
         rebound DNS name could read it); a link from another site still opens the page."""
         self._browsers.check_host(request)
         session_id = request.cookies.get(self.cookie, "")
-        session = await self.sessions.get(session_id) if session_id else None
+        if not session_id:
+            return None
+        if self._local is not None:
+            session = self._local.get(session_id)
+        else:
+            session = await self.sessions.get(session_id)
         return Visit(session_id, session) if session is not None else None
 
-    async def open_local(self) -> Visit:
-        """Auth off: a session of the one local operator, for the forms' CSRF tokens."""
-        session_id, session = await self.sessions.open("anonymous", self._ttl)
-        return Visit(session_id, session)
+    def open_local(self) -> Visit:
+        """Auth off: the one local operator's cookie, for the forms' CSRF tokens."""
+        assert self._local is not None, "a local visit is opened only with auth off"
+        session_id, session = self._local.open()
+        return Visit(session_id, session, opened_now=True)
+
+    def check_prepared_here(self, request: web.Request) -> None:
+        """A page that prepares a change (a confirm step, its form pre-filled from the URL)
+        is shown only when this site's page, or the user typing the URL, asked for it: a link
+        from another site would put its own values into a form holding a valid token."""
+        self._browsers.check_host(request)
+        site = request.headers.get("Sec-Fetch-Site")
+        if site is not None and site not in _OWN_SITE:
+            raise BrowserRefused(f"A change prepared by a link from another site "
+                                 f"(`Sec-Fetch-Site: {site[:40]}`) is not shown; choose it "
+                                 "on this page.")
 
     def check_sender(self, request: web.Request) -> None:
         """Refuse a request that another site's page made the browser send: a Host that is

@@ -5,7 +5,7 @@ error, and nothing changes."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from aiohttp import web
 
@@ -110,7 +110,12 @@ async def engines(request: web.Request, visit: Visit, form: Form | None,
 
 async def confirm_engine(request: web.Request, visit: Visit, form: Form | None
                          ) -> web.StreamResponse:
-    """The confirm step: what will happen, and the form that does it."""
+    """The confirm step: what will happen, and the form that does it. Never for a browser
+    that came without the page's cookie: that request was not sent by our engines page (a
+    link from elsewhere, from a browser that does not say so), so the engines page instead."""
+    if visit.opened_now:
+        return await engines(request, visit, None, error=(
+            "Choose the change on this page, then confirm it."))
     name = request.query.get("name", "")
     action = request.query.get("action", "")
     model = request.query.get("model", "")[:1024]
@@ -169,15 +174,17 @@ async def audit(request: web.Request, visit: Visit, form: Form | None) -> web.St
                   routes=request.app[GATEWAY].routes.names())
 
 
-# (path, handler, changes state): GETs show a page, POSTs are forms.
-PAGES: list[tuple[str, PageHandler, bool]] = [
-    ("/admin/", overview, False),
-    ("/admin/routing", routing, False),
-    ("/admin/routing", change_routing, True),
-    ("/admin/engines", engines, False),
-    ("/admin/engines/confirm", confirm_engine, False),
-    ("/admin/engines", change_engine_form, True),
-    ("/admin/cache", cache, False),
-    ("/admin/cache", flush, True),
-    ("/admin/audit", audit, False),
+# "page": a GET that shows; "prepare": a GET whose form is filled from its URL, asked for only
+# by this site; "form": a POST that changes state.
+PageKind = Literal["page", "prepare", "form"]
+PAGES: list[tuple[str, PageHandler, PageKind]] = [
+    ("/admin/", overview, "page"),
+    ("/admin/routing", routing, "page"),
+    ("/admin/routing", change_routing, "form"),
+    ("/admin/engines", engines, "page"),
+    ("/admin/engines/confirm", confirm_engine, "prepare"),
+    ("/admin/engines", change_engine_form, "form"),
+    ("/admin/cache", cache, "page"),
+    ("/admin/cache", flush, "form"),
+    ("/admin/audit", audit, "page"),
 ]

@@ -36,7 +36,7 @@ targets = [ {{ provider = "mock", model = "x" }} ]
 [cache]
 enabled = true
 """
-CSP = "default-src 'self'; frame-ancestors 'none'"
+CSP = "default-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'"
 
 
 def settings_for(mock: MockUpstream, tmp_path: Path, auth: str) -> config.Settings:

@@ -4,6 +4,7 @@ hidden fields of the last page read, and forms posted with them. Plain aiohttp o
 from __future__ import annotations
 
 import html
+import json
 import re
 from dataclasses import dataclass, field
 from http.cookies import SimpleCookie
@@ -26,6 +27,12 @@ class Page:
             if found == name:
                 return html.unescape(value)
         raise AssertionError(f"no hidden {name} field on the page")
+
+    @property
+    def json_error(self) -> dict[str, Any]:
+        """The OpenAI-shaped error of a refusal."""
+        error: dict[str, Any] = json.loads(self.text)["error"]
+        return error
 
 
 @dataclass
