@@ -167,3 +167,13 @@ async def test_state_the_target_cannot_keep_is_refused_by_name(
     assert isinstance(error, dict)
     assert error["param"] == field and error["code"] == "unsupported_parameter"
     assert upstream.requests == []
+
+
+async def test_state_an_upstream_keeps_reaches_it_untouched(
+        sdk: openai.AsyncOpenAI, responses_upstream: ResponsesUpstream) -> None:
+    # An upstream that serves Responses keeps the conversation: the fields that name it go on.
+    await sdk.responses.create(model="resp", input="and then?", store=True,
+                               previous_response_id="resp_earlier")
+    sent = orjson.loads(responses_upstream.bodies[-1])
+    assert sent == {"model": "resp-upstream", "input": "and then?", "store": True,
+                    "previous_response_id": "resp_earlier"}
