@@ -179,3 +179,53 @@ def test_a_provider_down_shows_its_remaining_seconds_and_leaves_after_its_time()
     down = chooser.snapshot()["providers_down_s"]
     assert set(down) == {"p"} and 29 < down["p"] <= 30
     assert chooser.pick(route(C), None) is C
+
+
+def test_every_refused_retry_is_counted() -> None:
+    chooser = router()
+    chooser.budget.balance = 0.0
+    assert not chooser.budget.withdraw()
+    assert not chooser.budget.withdraw()
+    assert chooser.budget.refused == 2
+
+
+def test_a_target_is_usable_again_at_the_instant_its_rest_ends() -> None:
+    chooser = router(failures_before_cooldown=1)
+    chooser.failed(A, UpstreamError("x"))
+    until = chooser._targets["p/a"].resting_until
+    assert not chooser.usable(A, until - 0.001)
+    assert chooser.usable(A, until)
+    chooser.provider_down("r", 10, "probe_failed")
+    down_until = chooser._providers_down["r"][0]
+    assert not chooser.usable(C, down_until - 0.001)
+    assert chooser.usable(C, down_until)
+
+
+def test_the_wait_is_the_shortest_rest_rounded_up_even_under_a_second() -> None:
+    chooser = router(failures_before_cooldown=1)
+    chooser.failed(A, limited("0.5"))
+    chooser.failed(C, limited("5"))
+    assert refusal(chooser, route(A, C)).headers["Retry-After"] == "1"
+
+
+def test_a_provider_down_alone_sets_the_wait() -> None:
+    chooser = router()
+    chooser.provider_down("r", 9, "probe_failed")
+    error = refusal(chooser, route(C))
+    assert error.headers["Retry-After"] == "9"
+    assert "(r/c: probe_failed)" in error.message
+
+
+def test_a_success_clears_the_failures_counted_so_far() -> None:
+    chooser = router(failures_before_cooldown=2)
+    chooser.succeeded(B)  # never failed: nothing to forget
+    chooser.failed(A, UpstreamError("x"))
+    chooser.succeeded(A)
+    chooser.failed(A, UpstreamError("x"))
+    assert chooser.snapshot()["resting_targets_s"] == {}
+
+
+def test_a_provider_never_down_can_be_marked_up() -> None:
+    chooser = router()
+    chooser.provider_up("never-down")
+    assert chooser.snapshot()["providers_down_s"] == {}
