@@ -3,6 +3,7 @@ the 503 say about it, and which Retry-After values an upstream can make a target
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 
@@ -229,3 +230,37 @@ def test_a_provider_never_down_can_be_marked_up() -> None:
     chooser = router()
     chooser.provider_up("never-down")
     assert chooser.snapshot()["providers_down_s"] == {}
+
+
+def test_a_target_that_starts_resting_is_logged_with_its_wait_and_reason(
+        caplog: pytest.LogCaptureFixture) -> None:
+    chooser = router()
+    with caplog.at_level(logging.WARNING, logger="sidecar.routing"):
+        chooser.failed(A, limited("2.5"))
+    (record,) = [r for r in caplog.records if r.name == "sidecar.routing"]
+    assert record.getMessage() == "target resting"
+    fields = record.__dict__["fields"]
+    assert set(fields) == {"target", "seconds", "reason"}
+    assert fields["target"] == "p/a" and fields["reason"] == "rate_limited"
+    assert fields["seconds"] == 2.5
+
+
+def test_the_snapshot_shows_a_rest_under_a_second_as_it_is() -> None:
+    chooser = router()
+    chooser.failed(A, limited("0.5"))
+    assert 0.4 < chooser.snapshot()["resting_targets_s"]["p/a"] <= 0.5
+
+
+def test_the_retry_budget_fills_by_the_configured_ratio() -> None:
+    chooser = router(retry_budget_ratio=0.25)
+    chooser.budget.balance = 0.0
+    chooser.budget.deposit()
+    assert chooser.budget.balance == 0.25
+
+
+def test_with_one_target_resting_the_others_share_by_weight() -> None:
+    chooser = router(failures_before_cooldown=1)
+    three = Route("m", [A, B, C], random.Random(5))
+    chooser.failed(A, UpstreamError("x"))
+    picks = {chooser.pick(three, None).label for _ in range(200)}
+    assert picks == {"p/b", "r/c"}

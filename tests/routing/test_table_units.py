@@ -170,3 +170,7 @@ def test_a_malformed_change_is_refused_with_a_message_naming_the_field(
 def test_an_unknown_provider_name_is_cut_in_the_message() -> None:
     caught = refusal("m", [{"provider": "z" * 500}])
     assert len(caught.message) < 150
+
+
+def test_a_target_made_here_is_labelled_provider_slash_model() -> None:
+    assert Target("prov", "mod", 1).label == "prov/mod"
