@@ -73,8 +73,8 @@ def test_choose_among_places_each_usable_target_in_its_share(point: float,
 
 
 def test_choose_among_with_the_point_at_the_very_end_takes_the_last() -> None:
-    route = Route("m", [A, C], FixedRandom(1.0))
-    assert route.choose_among([A, C]) is C
+    route = Route("m", [A, B, C], FixedRandom(1.0))
+    assert route.choose_among([A, B, C]) is C
 
 
 def test_a_route_with_one_weighted_target_always_chooses_it() -> None:
