@@ -264,3 +264,8 @@ def test_with_one_target_resting_the_others_share_by_weight() -> None:
     chooser.failed(A, UpstreamError("x"))
     picks = {chooser.pick(three, None).label for _ in range(200)}
     assert picks == {"p/b", "r/c"}
+
+
+def test_a_quiet_router_may_retry_ten_times_before_its_ratio_applies() -> None:
+    chooser = router()
+    assert [chooser.budget.withdraw() for _ in range(11)] == [True] * 10 + [False]
