@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -231,3 +232,53 @@ async def test_the_background_refresh_fetches_on_its_interval(
     with contextlib.suppress(asyncio.CancelledError):
         await task
     assert server.hits >= 2
+
+
+def test_a_jwks_without_keys_or_with_a_bad_key_first_is_read_as_far_as_it_goes() -> None:
+    with pytest.raises(ValueError) as caught:
+        KeySet.from_jwks(b"{}", ["HS256"])
+    assert str(caught.value) == "the key set holds no usable signing key"
+    good = orjson.loads(jwks("good"))["keys"][0]
+    keys = KeySet.from_jwks(orjson.dumps({"keys": [{"kty": "nonsense"}, good]}), ["HS256"])
+    assert keys.get("good") is not None
+
+
+async def test_a_cached_token_past_its_exp_gets_the_expired_reason() -> None:
+    checker = Verifier(settings())
+    checker.use_keys(KeySet({"k": SECRET}))
+    now = int(time.time())
+    raw = jwt.encode({"iss": ISSUER, "aud": AUDIENCE, "sub": "a", "iat": now, "exp": now + 1},
+                     SECRET, algorithm="HS256", headers={"kid": "k"})
+    await checker.verify(raw)
+    await asyncio.sleep(max(0.0, now + 1.05 - time.time()))
+    with pytest.raises(Unauthorized) as caught:
+        await checker.verify(raw)
+    assert caught.value.message == "The token has expired."
+    other = jwt.encode({"sub": "a"}, SECRET, algorithm="HS256", headers={"kid": "z"})
+    with pytest.raises(Unauthorized) as unknown:
+        await checker.verify(other)
+    assert unknown.value.message == (
+        "The token's signing key (kid) is not known to this server.")
+
+
+async def test_fetches_are_logged_with_the_url_and_what_went_wrong(
+        served: tuple[KeyServer, str, aiohttp.ClientSession],
+        caplog: pytest.LogCaptureFixture) -> None:
+    server, url, session = served
+    fetcher = JwksFetcher(url, settings(jwks_timeout_s=0.2), session)
+    with caplog.at_level(logging.INFO, logger="sidecar.auth"):
+        await fetcher.refresh()
+        server.status = 500
+        await fetcher.refresh()
+        server.status, server.delay = 200, 2.0
+        started = time.monotonic()
+        await fetcher.refresh()
+        assert time.monotonic() - started < 1.5  # the fetch timeout, not the server, ended it
+    lines = [(r.getMessage(), r.__dict__["fields"]) for r in caplog.records
+             if r.name == "sidecar.auth"]
+    assert lines == [
+        ("key set fetched", {"url": url, "keys": 1}),
+        ("key set fetch failed; keeping the last good set", {"url": url, "error": "HTTP 500"}),
+        ("key set fetch failed; keeping the last good set",
+         {"url": url, "error": "TimeoutError"}),
+    ]
