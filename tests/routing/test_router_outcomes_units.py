@@ -271,3 +271,10 @@ def test_with_one_target_resting_the_others_share_by_weight() -> None:
 def test_a_quiet_router_may_retry_ten_times_before_its_ratio_applies() -> None:
     chooser = router()
     assert [chooser.budget.withdraw() for _ in range(11)] == [True] * 10 + [False]
+
+
+def test_the_logged_rest_is_rounded_to_milliseconds(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="sidecar.routing"):
+        router().failed(A, limited("2.0004"))
+    (record,) = [r for r in caplog.records if r.name == "sidecar.routing"]
+    assert record.__dict__["fields"]["seconds"] == 2.0
