@@ -282,3 +282,16 @@ async def test_fetches_are_logged_with_the_url_and_what_went_wrong(
         ("key set fetch failed; keeping the last good set",
          {"url": url, "error": "TimeoutError"}),
     ]
+
+
+async def test_a_token_while_the_jwks_url_has_never_answered_is_an_unknown_key(
+        served: tuple[KeyServer, str, aiohttp.ClientSession]) -> None:
+    server, url, session = served
+    server.status = 500
+    checker = Verifier(settings())
+    checker.use_fetcher(JwksFetcher(url, settings(), session))
+    raw = jwt.encode({"sub": "a"}, SECRET, algorithm="HS256", headers={"kid": "one"})
+    with pytest.raises(Unauthorized) as caught:
+        await checker.verify(raw)
+    assert caught.value.code == "unknown_key"
+    assert server.hits == 1
