@@ -1,0 +1,179 @@
+"""TLS material and the listener's context without a sidecar: what the generated certificates
+say (names, usages, CA, validity, key file modes), and real handshakes in memory against the
+server context (versions refused, client certificates required, a certificate reloaded)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import shutil
+import ssl
+import stat
+from pathlib import Path
+
+import orjson
+import pytest
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from sidecar.security.certs import generate_issuer, generate_tls
+from sidecar.security.tls import reload_certificate, server_context
+from sidecar.settings import ServerSettings
+
+
+@pytest.fixture(scope="module")
+def material(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("tls")
+    generate_tls(out, ["localhost", "127.0.0.1"], days=30)
+    return out
+
+
+def load(path: Path) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+def test_the_files_are_written_with_private_keys_readable_by_the_owner_only(
+        material: Path) -> None:
+    for name in ("ca-key.pem", "key.pem", "client-key.pem"):
+        assert stat.S_IMODE((material / name).stat().st_mode) == 0o600
+    for name in ("ca.pem", "cert.pem", "client.pem"):
+        assert b"BEGIN CERTIFICATE" in (material / name).read_bytes()
+
+
+def test_the_server_certificate_names_its_hosts_and_serves_only(material: Path) -> None:
+    cert = load(material / "cert.pem")
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.DNSName) == ["localhost"]
+    assert names.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.1")]
+    assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "localhost"
+    usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(usage) == [ExtendedKeyUsageOID.SERVER_AUTH]
+    basic = cert.extensions.get_extension_for_class(x509.BasicConstraints)
+    assert basic.critical and basic.value.ca is False
+    assert cert.issuer == load(material / "ca.pem").subject
+
+
+def test_the_client_certificate_is_for_clients_only(material: Path) -> None:
+    cert = load(material / "client.pem")
+    usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(usage) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+    with pytest.raises(x509.ExtensionNotFound):
+        cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+
+
+def test_the_ca_signs_certificates_and_nothing_below_it(material: Path) -> None:
+    cert = load(material / "ca.pem")
+    basic = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    assert basic.ca is True and basic.path_length == 0
+    usage = cert.extensions.get_extension_for_class(x509.KeyUsage)
+    assert usage.critical and usage.value.key_cert_sign and usage.value.crl_sign
+    assert usage.value.digital_signature and not usage.value.key_encipherment
+    assert cert.subject == cert.issuer
+    organisation = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)[0].value
+    assert organisation == "llm-sidecar development"
+
+
+def test_certificates_are_valid_from_just_before_now_for_the_days_asked(material: Path) -> None:
+    cert = load(material / "cert.pem")
+    now = dt.datetime.now(dt.UTC)
+    assert now - dt.timedelta(minutes=6) < cert.not_valid_before_utc < now
+    assert abs(cert.not_valid_after_utc - (now + dt.timedelta(days=30))) < dt.timedelta(minutes=5)
+
+
+def test_the_issuer_keys_and_jwks_carry_the_kid(tmp_path: Path) -> None:
+    private, public, jwks = generate_issuer(tmp_path / "issuer", kid="k9")
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    assert b"BEGIN PUBLIC KEY" in public.read_bytes()
+    (key,) = orjson.loads(jwks.read_bytes())["keys"]
+    assert key["kid"] == "k9" and key["use"] == "sig" and key["alg"] == "RS256"
+    assert key["kty"] == "RSA" and "d" not in key
+
+
+def settings(material: Path, client_ca: bool = False) -> ServerSettings:
+    return ServerSettings(tls_cert=str(material / "cert.pem"), tls_key=str(material / "key.pem"),
+                          tls_client_ca=str(material / "ca.pem") if client_ca else None)
+
+
+def handshake(server: ssl.SSLContext, client: ssl.SSLContext) -> ssl.SSLObject:
+    """A whole TLS handshake through memory buffers; returns the client's side."""
+    to_server, to_client = ssl.MemoryBIO(), ssl.MemoryBIO()
+    server_side = server.wrap_bio(to_server, to_client, server_side=True)
+    from_server, from_client = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client_side = client.wrap_bio(from_server, from_client, server_hostname="localhost")
+    done = {"client": False, "server": False}
+    for _ in range(10):
+        for name, side in (("client", client_side), ("server", server_side)):
+            if not done[name]:
+                try:
+                    side.do_handshake()
+                    done[name] = True
+                except ssl.SSLWantReadError:
+                    pass
+        to_server.write(from_client.read())
+        from_server.write(to_client.read())
+        if all(done.values()):
+            # TLS 1.3 sends the server's verdict on a client certificate after the handshake.
+            client_side.write(b"x")
+            to_server.write(from_client.read())
+            server_side.read(1)
+            return client_side
+    raise AssertionError("the handshake did not finish")
+
+
+def client_context(material: Path) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(material / "ca.pem"))
+
+
+def test_a_client_trusting_the_ca_completes_a_handshake(material: Path) -> None:
+    client = handshake(server_context(settings(material)), client_context(material))
+    assert client.version() in ("TLSv1.2", "TLSv1.3")
+    assert client.compression() is None
+
+
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion:DeprecationWarning")
+def test_tls_before_1_2_is_refused(material: Path) -> None:
+    old = client_context(material)
+    old.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
+    old.maximum_version = ssl.TLSVersion.TLSv1_1
+    with pytest.raises(ssl.SSLError):
+        handshake(server_context(settings(material)), old)
+
+
+def test_tls_1_2_offers_only_forward_secret_aead_suites(material: Path) -> None:
+    client = client_context(material)
+    client.maximum_version = ssl.TLSVersion.TLSv1_2
+    side = handshake(server_context(settings(material)), client)
+    cipher = side.cipher()
+    assert cipher is not None and cipher[0].startswith("ECDHE-")
+    assert "GCM" in cipher[0] or "CHACHA20" in cipher[0]
+
+
+def test_a_client_ca_makes_a_client_certificate_required(material: Path) -> None:
+    server = server_context(settings(material, client_ca=True))
+    assert server.verify_mode == ssl.CERT_REQUIRED
+    with pytest.raises(ssl.SSLError):
+        handshake(server, client_context(material))
+    with_cert = client_context(material)
+    with_cert.load_cert_chain(str(material / "client.pem"), str(material / "client-key.pem"))
+    assert handshake(server, with_cert).version() is not None
+
+
+def test_a_reload_serves_the_new_certificate_and_a_bad_pair_keeps_the_old(
+        material: Path, tmp_path: Path) -> None:
+    live = tmp_path / "live"
+    shutil.copytree(material, live)
+    current = settings(live)
+    server = server_context(current)
+    first = handshake(server, client_context(live)).getpeercert()
+    generate_tls(tmp_path / "next", ["localhost"], days=30)
+    for name in ("cert.pem", "key.pem"):
+        shutil.copy(tmp_path / "next" / name, live / name)
+    assert reload_certificate(server, current) is True
+    shutil.copy(tmp_path / "next" / "ca.pem", live / "ca.pem")
+    second = handshake(server, client_context(live)).getpeercert()
+    assert first is not None and second is not None
+    assert first["serialNumber"] != second["serialNumber"]
+    (live / "key.pem").write_bytes((material / "key.pem").read_bytes())  # a mismatched pair
+    assert reload_certificate(server, current) is False
+    third = handshake(server, client_context(live)).getpeercert()
+    assert third is not None and third["serialNumber"] == second["serialNumber"]
