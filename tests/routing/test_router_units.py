@@ -162,7 +162,7 @@ def test_a_provider_down_takes_all_its_targets_out_until_it_is_up() -> None:
 
 
 def test_a_target_that_succeeds_after_its_rest_is_forgotten() -> None:
-    router = Router(settings(failures_before_cooldown=5))
+    router = Router(settings(failures_before_cooldown=2))
     router.failed(A, UpstreamError("x"))
     router.succeeded(A)
     router.failed(A, UpstreamError("x"))
