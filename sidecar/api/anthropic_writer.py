@@ -5,23 +5,14 @@ in Anthropic's shape (`{"type": "error", "error": {"type", "message"}}`)."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from collections.abc import AsyncIterator
-
 import orjson
 from aiohttp import web
 
 from sidecar.api.http import JSON, json_bytes
-from sidecar.appkeys import CONTEXT
-from sidecar.errors import SHUTTING_DOWN, ShuttingDown, SidecarError, cancelled_for_shutdown
+from sidecar.api.sse_writer import SseDialect, write_sse
+from sidecar.errors import SidecarError
 from sidecar.exchange import Answer
 
-_SSE_HEADERS = {
-    "Content-Type": "text/event-stream; charset=utf-8",
-    "Cache-Control": "no-cache",
-    "X-Accel-Buffering": "no",
-}
 _PING = b'event: ping\ndata: {"type":"ping"}\n\n'
 _STOP = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
 _TYPED = b'{"type":"'  # how an event's data starts, as Anthropic and the sidecar write it
@@ -53,42 +44,7 @@ def write_json(request: web.Request, answer: Answer) -> web.Response:
 
 
 async def write_stream(request: web.Request, answer: Answer) -> web.StreamResponse:
-    context = request[CONTEXT]
-    record = context.record
-    record.stream = True
-    response: web.StreamResponse | None = None
-    try:
-        response = web.StreamResponse(headers=_SSE_HEADERS)
-        response.headers.update(answer.headers)
-        response.headers["X-Request-Id"] = context.request_id
-        response.headers["X-Sidecar-Overhead-Ms"] = f"{context.timing.overhead_ms():.3f}"
-        await response.prepare(request)
-        try:
-            if answer.first is not None:
-                await response.write(frame(answer.first))
-                if answer.events is not None:
-                    await _pump(response, answer.events)
-            await response.write(_STOP)
-        except SidecarError as exc:
-            # Past the first byte the status is spent: an error event, and no message_stop,
-            # so the client knows the answer is incomplete.
-            record.stream_error = exc.code or exc.type
-            await response.write(_event(b"error", error_json(exc)))
-        await response.write_eof()
-        return response
-    except ConnectionResetError:
-        record.stream_error = "client_gone"
-        return response if response is not None else web.Response(status=499)
-    except asyncio.CancelledError as exc:
-        if response is not None and response.prepared and cancelled_for_shutdown(exc):
-            record.stream_error = SHUTTING_DOWN
-            with contextlib.suppress(ConnectionError):
-                await response.write(_event(b"error", error_json(
-                    ShuttingDown("The server is shutting down."))))
-                await response.write_eof()
-        raise
-    finally:
-        await answer.close()
+    return await write_sse(request, answer, MESSAGES_SSE)
 
 
 def frame(data: bytes) -> bytes:
@@ -111,7 +67,4 @@ def _event(name: bytes, data: bytes) -> bytes:
     return b"event: " + name + b"\ndata: " + data + b"\n\n"
 
 
-async def _pump(response: web.StreamResponse, events: AsyncIterator[bytes]) -> None:
-    write = response.write
-    async for data in events:
-        await write(frame(data))
+MESSAGES_SSE = SseDialect(frame, lambda error: _event(b"error", error_json(error)), _STOP)

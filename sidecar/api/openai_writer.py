@@ -3,24 +3,14 @@ as it comes, `data: [DONE]` last, and an error event (no `[DONE]`) when it break
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from collections.abc import AsyncIterator
-
 from aiohttp import web
 
 from sidecar.api.http import json_bytes
-from sidecar.appkeys import CONTEXT
-from sidecar.errors import SHUTTING_DOWN, ShuttingDown, SidecarError, cancelled_for_shutdown
+from sidecar.api.sse_writer import SseDialect, write_sse
+from sidecar.errors import SidecarError
 from sidecar.exchange import Answer
 from sidecar.protocol.sse import DONE_FRAME, frame
 from sidecar.protocol.sse import HEARTBEAT as HEARTBEAT_FRAME
-
-_SSE_HEADERS = {
-    "Content-Type": "text/event-stream; charset=utf-8",
-    "Cache-Control": "no-cache",
-    "X-Accel-Buffering": "no",
-}
 
 
 def write_json(request: web.Request, answer: Answer) -> web.Response:
@@ -30,45 +20,7 @@ def write_json(request: web.Request, answer: Answer) -> web.Response:
 
 
 async def write_stream(request: web.Request, answer: Answer) -> web.StreamResponse:
-    context = request[CONTEXT]
-    record = context.record
-    record.stream = True
-    response: web.StreamResponse | None = None
-    try:
-        response = web.StreamResponse(headers=_SSE_HEADERS)
-        response.headers.update(answer.headers)
-        response.headers["X-Request-Id"] = context.request_id
-        response.headers["X-Sidecar-Overhead-Ms"] = f"{context.timing.overhead_ms():.3f}"
-        await response.prepare(request)
-        try:
-            if answer.first is not None:
-                await response.write(_frame(answer.first))
-                if answer.events is not None:
-                    await _pump(response, answer.events)
-            await response.write(DONE_FRAME)
-        except SidecarError as exc:
-            # Past the first byte the status is spent: say what happened in the stream and
-            # end it without [DONE], so the client knows the answer is incomplete.
-            record.stream_error = exc.code or exc.type
-            await response.write(frame(exc.to_json()))
-        await response.write_eof()
-        return response
-    except ConnectionResetError:
-        # The client went away between two events: the source is closed below, and what is
-        # returned goes nowhere; the log line carries stream_error = client_gone.
-        record.stream_error = "client_gone"
-        return response if response is not None else web.Response(status=499)
-    except asyncio.CancelledError as exc:
-        if response is not None and response.prepared and cancelled_for_shutdown(exc):
-            # The server stops and the drain's time is up: say so in the stream, without
-            # [DONE], rather than cutting it silently.
-            record.stream_error = SHUTTING_DOWN
-            with contextlib.suppress(ConnectionError):
-                await response.write(frame(ShuttingDown("The server is shutting down.").to_json()))
-                await response.write_eof()
-        raise
-    finally:
-        await answer.close()
+    return await write_sse(request, answer, OPENAI_SSE)
 
 
 def _frame(data: bytes) -> bytes:
@@ -76,7 +28,8 @@ def _frame(data: bytes) -> bytes:
     return frame(data) if data else HEARTBEAT_FRAME
 
 
-async def _pump(response: web.StreamResponse, events: AsyncIterator[bytes]) -> None:
-    write = response.write
-    async for data in events:
-        await write(_frame(data))
+def _error(error: SidecarError) -> bytes:
+    return frame(error.to_json())
+
+
+OPENAI_SSE = SseDialect(_frame, _error, DONE_FRAME)

@@ -5,8 +5,6 @@ through or translates them."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import re
 from typing import Annotated
 
@@ -15,17 +13,16 @@ from aiohttp import web
 
 from sidecar.api.http import read_body
 from sidecar.api.openai_writer import write_json
+from sidecar.api.sse_writer import SseDialect, write_sse
 from sidecar.appkeys import CONTEXT, GATEWAY
-from sidecar.errors import SHUTTING_DOWN, ShuttingDown, SidecarError, cancelled_for_shutdown
-from sidecar.exchange import Answer, Exchange
+from sidecar.errors import SidecarError
+from sidecar.exchange import Exchange
 from sidecar.protocol.requests import decode_body, validate
 from sidecar.protocol.sse import HEARTBEAT as HEARTBEAT_FRAME
 from sidecar.responses_crossing import RESPONSES
 
 routes = web.RouteTableDef()
 
-_SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8",
-                "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 # An event's type, read from the head of its JSON without parsing the whole event.
 _TYPE = re.compile(rb'"type"\s*:\s*"([a-z_.]{1,64})"')
 
@@ -50,7 +47,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     answer = await request.app[GATEWAY].open(exchange)
     if not exchange.stream:
         return write_json(request, answer)
-    return await write_events(request, answer)
+    return await write_sse(request, answer, RESPONSES_SSE)
 
 
 def event_frame(data: bytes) -> bytes:
@@ -68,32 +65,4 @@ def error_frame(error: SidecarError) -> bytes:
                                                                 else {})}))
 
 
-async def write_events(request: web.Request, answer: Answer) -> web.StreamResponse:
-    record = request[CONTEXT].record
-    record.stream = True
-    response = web.StreamResponse(headers=_SSE_HEADERS)
-    response.headers.update(answer.headers)
-    try:
-        await response.prepare(request)
-        try:
-            if answer.first is not None:
-                await response.write(event_frame(answer.first))
-                if answer.events is not None:
-                    async for data in answer.events:
-                        await response.write(event_frame(data))
-        except SidecarError as exc:
-            record.stream_error = exc.code or exc.type
-            await response.write(error_frame(exc))
-        await response.write_eof()
-    except ConnectionResetError:
-        record.stream_error = "client_gone"
-    except asyncio.CancelledError as exc:
-        if response.prepared and cancelled_for_shutdown(exc):
-            record.stream_error = SHUTTING_DOWN
-            with contextlib.suppress(ConnectionError):
-                await response.write(error_frame(ShuttingDown("The server is shutting down.")))
-                await response.write_eof()
-        raise
-    finally:
-        await answer.close()
-    return response
+RESPONSES_SSE = SseDialect(event_frame, error_frame)  # no last word: response.completed ends it
