@@ -13,6 +13,7 @@ import orjson
 import pytest
 from aiohttp import web
 
+from sidecar.live_app import LiveApp
 from sidecar.security.connections import EdgeRunner, InFlight, c_parser_in_use
 
 LIMIT = 1000
@@ -51,7 +52,9 @@ async def served() -> AsyncIterator[Served]:
     app.router.add_post("/hello", hello)
     app.router.add_get("/hello", hello)
     app.router.add_get("/slow", slow)
-    runner = EdgeRunner(app, max_connections=2, max_body_bytes=LIMIT)
+    live = LiveApp()
+    await live.start(app)
+    runner = EdgeRunner(live, max_connections=2, max_body_bytes=LIMIT)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
