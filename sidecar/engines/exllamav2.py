@@ -43,6 +43,7 @@ class Runtime:
     max_seq_len: int
     max_batch_size: int
     paged: bool
+    gpu_bytes: int = 0  # GPU memory the load took: weights, cache and the warm-up's buffers
 
 
 Loader = Callable[[Path, int, int, CacheType], Runtime]
@@ -108,6 +109,7 @@ def load_runtime(path: Path, max_seq_len: int, max_batch_size: int,
         max_batch_size = 1
     cache_class = {"fp16": ExLlamaV2Cache, "q8": ExLlamaV2Cache_Q8, "q6": ExLlamaV2Cache_Q6,
                    "q4": ExLlamaV2Cache_Q4}[cache_type]
+    before = sum(torch.cuda.memory_allocated(d) for d in range(torch.cuda.device_count()))
     model = ExLlamaV2(config)
     # One cache shared by every sequence: room for max_batch_size full-length ones.
     cache = cache_class(model, max_seq_len=config.max_seq_len * max_batch_size, lazy=True)
@@ -129,6 +131,8 @@ def load_runtime(path: Path, max_seq_len: int, max_batch_size: int,
         max_seq_len=config.max_seq_len,
         max_batch_size=max_batch_size,
         paged=paged,
+        gpu_bytes=sum(torch.cuda.memory_allocated(d) for d in range(torch.cuda.device_count()))
+        - before,
     )
 
 
@@ -266,4 +270,5 @@ class ExLlamaV2Engine(ThreadedEngine):
         runtime = self._runtime
         info["cache"] = self.cache_type
         info["paged"] = runtime.paged if runtime is not None else None
+        info["gpu_bytes"] = runtime.gpu_bytes if runtime is not None else 0
         return info

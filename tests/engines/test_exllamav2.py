@@ -18,7 +18,14 @@ from sidecar.engines import models
 from sidecar.engines.errors import ContextLengthExceeded, EngineBusy, EngineFailure
 from sidecar.engines.exllamav2 import ExLlamaV2Engine, sampler_settings
 from sidecar.engines.job import Params
-from tests.support.exllamav2_standin import EOS, Generator, Job, Settings, standin_loader
+from tests.support.exllamav2_standin import (
+    EOS,
+    GPU_BYTES,
+    Generator,
+    Job,
+    Settings,
+    standin_loader,
+)
 
 
 @pytest.fixture(scope="session")
@@ -178,3 +185,9 @@ async def test_a_stuck_generator_makes_the_engine_look_hung(model_dir: Path) -> 
         generator.gate.set()
         await exl.close()
     assert not exl.hung()
+
+
+async def test_the_engine_reports_the_gpu_memory_its_load_took(
+        engine: tuple[ExLlamaV2Engine, Generator]) -> None:
+    loaded, _ = engine
+    assert loaded.describe()["gpu_bytes"] == GPU_BYTES

@@ -176,6 +176,11 @@ def run(work: Path) -> int:
         answer = reply.choices[0].message.content or ""
         print(f"answer ({'real' if real else 'random'} weights): {answer!r}; "
               f"finish {reply.choices[0].finish_reason}; usage {reply.usage}")
+        import json
+        import urllib.request
+
+        with urllib.request.urlopen(url + "/admin/api/engines", timeout=30) as shown:
+            print(f"engines: {json.dumps(json.load(shown))}")  # gpu_bytes: the load's GPU memory
         if real and "Paris" not in answer:
             print("FAIL: the real model did not answer Paris")
             return 1

@@ -21,6 +21,7 @@ from sidecar.engines.prompt import Prompting
 
 SCRIPT = ["Hello", " there", ",", " friend", ".", " How", " are", " you", " today", "?"]
 EOS = 2
+GPU_BYTES = 300 * 1024 * 1024  # what the stand-in says its load took on the GPU
 
 
 class Shape:
@@ -151,7 +152,7 @@ def standin_loader(generator: Generator, model_dir: Path) -> Any:
             generator=generator, new_job=Job, new_settings=Settings,
             input_ids=lambda ids: Shape(1, len(ids)), prompting=Prompting(model_dir),
             eos_ids=frozenset({EOS}), vocab_size=49152, max_seq_len=max_seq_len,
-            max_batch_size=max_batch_size, paged=True,
+            max_batch_size=max_batch_size, paged=True, gpu_bytes=GPU_BYTES,
         )
 
     return load
