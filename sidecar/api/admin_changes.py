@@ -113,10 +113,9 @@ MAX_TENANT_CHARS = 256
 
 async def flush_cache(app: web.Application, tenant: str | None, actor: Actor
                       ) -> dict[str, int | None]:
-    """Drop kept answers: all of them (in this process and in Redis), or one tenant's (in
-    this process: Redis keys are HMACs that do not say whose they are, and such answers
-    expire after cache.ttl_s). Returns how many, per tier; None for Redis when it was not
-    flushed (a tenant, a cluster, or Redis failing)."""
+    """Drop kept answers, all of them or one tenant's, in this process and in Redis (where
+    each answer's signed record says whose it is). Returns how many, per tier; None for
+    Redis when it was not flushed (none configured, a cluster, or Redis failing)."""
     cache = app[CACHE]
     if cache is None:
         raise InvalidRequest("The cache is off (cache.enabled = false).", param="cache",
@@ -125,8 +124,7 @@ async def flush_cache(app: web.Application, tenant: str | None, actor: Actor
         raise InvalidRequest(f"`tenant` must be 1 to {MAX_TENANT_CHARS} characters.",
                              param="tenant")
     # Redis first: an answer dropped only here would come straight back from there.
-    shared = cache.shared
-    in_redis = await shared.drop_answers() if shared is not None and tenant is None else None
+    in_redis = await cache.drop_in_redis(tenant)
     dropped: dict[str, int | None] = {"memory": cache.memory.drop(tenant), "redis": in_redis}
     app[AUDIT].record("cache flushed", actor, tenant or "every tenant", None, dropped,
                       tenant=tenant)

@@ -101,11 +101,12 @@ class RedisTier:
         """True once Redis has deleted it (or never had it)."""
         return await self._call("DEL", self._prefix + key) is not None
 
-    async def drop_answers(self, within_s: float = 10.0, batch: int = 500) -> int | None:
+    async def drop_answers(self, within_s: float = 10.0, batch: int = 500,
+                           whose: Callable[[str, bytes], bool] | None = None) -> int | None:
         """Delete every kept answer (keys of 64 hex digits under the prefix, not locks,
-        sessions or limits), a batch per command so that Redis serves others in between.
-        Returns how many, or None when Redis failed or `within_s` ran out before the end. Not
-        on a cluster, whose nodes each hold a part."""
+        sessions or limits), or those `whose(key, value)` says, a batch per command so that
+        Redis serves others in between. Returns how many, or None when Redis failed or
+        `within_s` ran out before the end. Not on a cluster, whose nodes each hold a part."""
         if self._cluster:
             return None
         deadline = time.monotonic() + within_s
@@ -117,6 +118,13 @@ class RedisTier:
             if reply is None:
                 return None
             cursor, keys = reply
+            if keys and whose is not None:
+                values = await self._call("MGET", *keys)
+                if values is None:
+                    return None
+                start = len(self._prefix)
+                keys = [k for k, v in zip(keys, values, strict=True)
+                        if v is not None and whose(_text(k)[start:], v)]
             if keys:
                 removed = await self._call("UNLINK", *keys)
                 if removed is None:
@@ -203,3 +211,7 @@ def _anonymous() -> dict[str, Any]:
     if importlib.util.find_spec("redis.driver_info") is not None:
         return {"driver_info": None}
     return {"lib_name": None, "lib_version": None}
+
+
+def _text(key: bytes | str) -> str:
+    return key.decode() if isinstance(key, bytes) else key

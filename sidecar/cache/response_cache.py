@@ -66,6 +66,20 @@ class ResponseCache:
             return None
         return Record.decode(body)
 
+    async def drop_in_redis(self, tenant: str | None) -> int | None:
+        """Drop kept answers from Redis: all, or one tenant's (each is read and its signed
+        record says whose it is, since the key, an HMAC, does not). None: not done."""
+        if self.shared is None:
+            return None
+        if tenant is None:
+            return await self.shared.drop_answers()
+
+        def whose(key: str, raw: bytes) -> bool:
+            record = self._open(key, raw)
+            return record is not None and record.tenant == tenant
+
+        return await self.shared.drop_answers(whose=whose)
+
     def _mac(self, key: str, body: bytes) -> bytes:
         message = b"record\0" + key.encode() + b"\0" + body
         return hmac.new(self._secret, message, hashlib.sha256).hexdigest().encode()

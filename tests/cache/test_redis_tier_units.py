@@ -4,6 +4,7 @@ redis-server: fast enough to judge mutants of redis_tier.py and response_cache.p
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import Iterator
 
 import pytest
@@ -171,5 +172,26 @@ async def test_without_the_fleet_flag_only_this_process_is_single_flighted(
         assert await one.single_flight("k", "alice", fetch, fleet=False) == (ANSWER, False)
         assert await tier.locked("k") is False
         assert "t6:k" not in server.stored()
+    finally:
+        await tier.close()
+
+
+async def test_one_tenants_answers_leave_redis_and_the_others_stay(server: RedisServer) -> None:
+    tier, one, two = caches(server, "t7:")
+    keys = {name: hashlib.sha256(name.encode()).hexdigest() for name in ("a1", "a2", "b1")}
+    try:
+        one.put(keys["a1"], Record("alice", "json", ANSWER))
+        one.put(keys["a2"], Record("alice", "json", ANSWER))
+        one.put(keys["b1"], Record("bob", "json", ANSWER))
+        for _ in range(100):
+            if len([k for k in server.stored() if k.startswith("t7:")]) == 3:
+                break
+            await asyncio.sleep(0.02)
+        # Another sidecar of the fleet drops alice's: Redis keeps only bob's.
+        assert await two.drop_in_redis("alice") == 2
+        assert [k for k in server.stored() if k.startswith("t7:")] == ["t7:" + keys["b1"]]
+        assert await two.get(keys["b1"], "bob") is not None
+        assert await two.drop_in_redis(None) == 1
+        assert not [k for k in server.stored() if k.startswith("t7:")]
     finally:
         await tier.close()
