@@ -261,10 +261,17 @@ async def _running(work: Coroutine[Any, Any, None] | None, name: str) -> AsyncIt
             await _cancelled(task)
 
 
-async def _cancelled(task: asyncio.Task[None]) -> None:
+async def _cancelled(task: asyncio.Task[None], within_s: float = 2.0) -> None:
+    """Cancel `task` and wait for it, briefly: a task stuck in a library's clean-up (a
+    Redis connection that never says goodbye) must not hold a stop or a reload."""
     task.cancel()
+    done, _ = await asyncio.wait([task], timeout=within_s)
+    if not done:
+        log.warning("a background task did not stop when asked; left behind",
+                    extra={"fields": {"task": task.get_name(), "waited_s": within_s}})
+        return
     with contextlib.suppress(asyncio.CancelledError):
-        await task
+        task.result()
 
 
 async def _probing(gateway: Gateway, interval: float) -> None:

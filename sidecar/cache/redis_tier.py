@@ -175,10 +175,14 @@ class RedisTier:
     async def close(self) -> None:
         if self._background:
             await asyncio.wait(list(self._background), timeout=1.0)
-        await self._client.aclose()
-        pool = getattr(self._client, "connection_pool", None)
-        if pool is not None:
-            await pool.disconnect()
+        try:  # a Redis that does not answer the goodbye is not waited for
+            async with asyncio.timeout(2.0):
+                await self._client.aclose()
+                pool = getattr(self._client, "connection_pool", None)
+                if pool is not None:
+                    await pool.disconnect()
+        except TimeoutError:
+            log.warning("redis did not close its connections in 2 s")
 
     async def _call(self, *args: Any) -> Any:
         return await self._guarded(lambda: self._client.execute_command(*args))

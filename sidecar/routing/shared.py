@@ -100,4 +100,8 @@ class RouteSync:
                            model, before, after, model=model, via="redis")
 
     async def close(self) -> None:
-        await self._redis.aclose()
+        try:  # a Redis that does not answer the goodbye is not waited for
+            async with asyncio.timeout(2.0):
+                await self._redis.aclose()
+        except TimeoutError:
+            log.warning("redis did not close the route-sharing connection in 2 s")
