@@ -119,12 +119,16 @@ class RedisTier:
                 return None
             cursor, keys = reply
             if keys and whose is not None:
-                values = await self._call("MGET", *keys)
-                if values is None:
-                    return None
+                chosen = []
                 start = len(self._prefix)
-                keys = [k for k, v in zip(keys, values, strict=True)
-                        if v is not None and whose(_text(k)[start:], v)]
+                for at in range(0, len(keys), 16):  # answers can be large: a few at a time
+                    part = keys[at:at + 16]
+                    values = await self._call("MGET", *part)
+                    if values is None:
+                        return None
+                    chosen += [k for k, v in zip(part, values, strict=True)
+                               if v is not None and whose(_text(k)[start:], v)]
+                keys = chosen
             if keys:
                 removed = await self._call("UNLINK", *keys)
                 if removed is None:
