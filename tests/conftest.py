@@ -8,6 +8,8 @@ from pathlib import Path
 import openai
 import pytest
 
+from tests.support.anthropic_mock import AnthropicMock
+from tests.support.scripted_upstream import ScriptedUpstream
 from tests.support.sidecar import Sidecar, base_config, start_sidecar
 from tests.support.upstream_mock import MockUpstream
 
@@ -18,6 +20,23 @@ def mock_upstream() -> Iterator[MockUpstream]:
     mock.start()
     yield mock
     mock.stop()
+
+
+# One of each per test module that asks: Anthropic's wire format, and a scripted OpenAI one.
+@pytest.fixture(scope="module")
+def claude() -> Iterator[AnthropicMock]:
+    server = AnthropicMock()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def scripted() -> Iterator[ScriptedUpstream]:
+    server = ScriptedUpstream()
+    server.start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture

@@ -39,14 +39,6 @@ def claude_server() -> Iterator[AnthropicMock]:
     server.stop()
 
 
-@pytest.fixture(scope="module")
-def scripted() -> Iterator[ScriptedUpstream]:
-    server = ScriptedUpstream()
-    server.start()
-    yield server
-    server.stop()
-
-
 @pytest.fixture
 def claude(claude_server: AnthropicMock) -> AnthropicMock:
     claude_server.reset()

@@ -24,14 +24,6 @@ def issuer(tmp_path_factory: pytest.TempPathFactory) -> Issuer:
 
 
 @pytest.fixture(scope="module")
-def claude() -> Iterator[AnthropicMock]:
-    server = AnthropicMock()
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def secured(claude: AnthropicMock, mock_upstream: MockUpstream, issuer: Issuer,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sidecar]:
     scripted = ScriptedUpstream()  # not asked here; the door's configuration names it

@@ -21,22 +21,6 @@ from tests.support.upstream_mock import MockUpstream
 
 
 @pytest.fixture(scope="module")
-def claude() -> Iterator[AnthropicMock]:
-    server = AnthropicMock()
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def scripted() -> Iterator[ScriptedUpstream]:
-    server = ScriptedUpstream()
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def door(claude: AnthropicMock, scripted: ScriptedUpstream, mock_upstream: MockUpstream,
          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sidecar]:
     instance = start_door(mock_upstream, claude, scripted, tmp_path_factory.mktemp("traps"))

@@ -32,14 +32,6 @@ def responses_upstream() -> Iterator[ResponsesUpstream]:
     server.stop()
 
 
-@pytest.fixture(scope="module")
-def claude() -> Iterator[AnthropicMock]:
-    server = AnthropicMock()
-    server.start()
-    yield server
-    server.stop()
-
-
 @pytest.fixture
 async def sdk(upstream: MockUpstream, responses_upstream: ResponsesUpstream,
               claude: AnthropicMock, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

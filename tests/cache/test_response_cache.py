@@ -125,14 +125,6 @@ def test_a_stream_that_broke_is_not_stored(cached: Sidecar, upstream: MockUpstre
 
 
 @pytest.fixture(scope="module")
-def scripted() -> Iterator[ScriptedUpstream]:
-    server = ScriptedUpstream()
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def scripted_cached(mock_upstream: MockUpstream, scripted: ScriptedUpstream,
                     tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sidecar]:
     extra = CACHE.format(ttl=60, when="deterministic") + f"""
