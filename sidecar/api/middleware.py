@@ -8,6 +8,7 @@ import ipaddress
 import itertools
 import logging
 import re
+from time import perf_counter
 
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler, Middleware
@@ -76,15 +77,16 @@ def make_middleware(access_log: AccessLog, guard: Guard, metrics: Metrics | None
             response = _error_response(request, _from_http(request, exc))
         except asyncio.CancelledError as exc:
             if not cancelled_for_shutdown(exc):
-                _log(access_log, request, context, 499,
-                     "client closed the connection")
+                now = perf_counter()
+                _log(access_log, request, context, 499, "client closed the connection", now)
                 if metrics is not None:
-                    metrics.observe(request.path, context, 499, None)
+                    metrics.observe(request.path, context, 499, None, now)
                 raise
             if request.writer.output_size > 0:  # a stream under way ends in its own way
-                _log(access_log, request, context, 503, "server shutting down")
+                now = perf_counter()
+                _log(access_log, request, context, 503, "server shutting down", now)
                 if metrics is not None:
-                    metrics.observe(request.path, context, 503, None)
+                    metrics.observe(request.path, context, 503, None, now)
                 raise
             # Nothing was sent yet: the client gets a 503 it may retry elsewhere.
             task = asyncio.current_task()
@@ -97,16 +99,17 @@ def make_middleware(access_log: AccessLog, guard: Guard, metrics: Metrics | None
             log.exception("unhandled error", extra={"fields": {"request_id": rid}})
             response = _error_response(request, SidecarError(
                 f"The sidecar failed to handle this request (request id {rid})."))
-        overhead_ms = timing.overhead_ms()
+        now = perf_counter()  # one reading for the header, the log line and the metrics
+        overhead_ms = timing.overhead_ms(now)
         if not response.prepared:
             headers = response.headers
             headers["X-Request-Id"] = rid
             headers["X-Sidecar-Overhead-Ms"] = f"{overhead_ms:.3f}"
         if access_log.enabled:
             fields["overhead_us"] = int(overhead_ms * 1000)
-            _log(access_log, request, context, response.status, None)
+            _log(access_log, request, context, response.status, None, now)
         if metrics is not None:
-            metrics.observe(request.path, context, response.status, failure)
+            metrics.observe(request.path, context, response.status, failure, now)
         return response
 
     return edge
@@ -272,7 +275,7 @@ def _bearer(request: web.Request) -> str:
 
 
 def _log(access_log: AccessLog, request: web.Request, context: RequestContext, status: int,
-         note: str | None) -> None:
+         note: str | None, now: float) -> None:
     """The request's one log line: the edge's fields, and what the path recorded."""
     if not access_log.enabled:
         return
@@ -280,12 +283,12 @@ def _log(access_log: AccessLog, request: web.Request, context: RequestContext, s
     context.record.log_fields(fields)
     if timing.model_wait:
         fields["model_wait_us"] = int(timing.model_wait * 1_000_000)
-    fields.setdefault("overhead_us", int(timing.overhead_ms() * 1000))
+    fields.setdefault("overhead_us", int(timing.overhead_ms(now) * 1000))
     fields["request_id"] = context.request_id
     fields["method"] = request.method
     fields["path"] = request.path
     fields["status"] = status
-    fields["duration_us"] = int(timing.elapsed_ms() * 1000)
+    fields["duration_us"] = int((now - timing.start) * 1_000_000)
     fields["upstream_us"] = int(timing.upstream * 1e6)
     if note:
         fields["note"] = note

@@ -109,7 +109,7 @@ def observed(request: web.Request, context: RequestContext, status: int,
     (method `WS`, the socket's path) and the metrics, from the response's record."""
     metrics = request.app[METRICS]
     if metrics is not None:
-        metrics.observe(request.path, context, status, failure)
+        metrics.observe(request.path, context, status, failure, time.perf_counter())
     access_log = request.app[ACCESS_LOG]
     if not access_log.enabled:
         return

@@ -16,7 +16,6 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client.exposition import choose_encoder
@@ -30,23 +29,28 @@ from prometheus_client.metrics_core import (
 
 from sidecar import __version__
 from sidecar.errors import RateLimited, SidecarError
-from sidecar.observability.windows import LATENCY_BOUNDS, ROW, SLOT_S, SLOTS, Windows
+from sidecar.observability.windows import (
+    DURATION_BUCKETS,
+    DURATION_OF,
+    LATENCY_BOUNDS,
+    SLOT_S,
+    Windows,
+)
 
 if TYPE_CHECKING:
     from sidecar.observability.record import RequestRecord
     from sidecar.observability.timing import RequestContext
     from sidecar.settings import Settings
 
-# OpenTelemetry's recommended boundaries; the durations go on past 82 s, because a slow local
-# CPU model can take minutes over one answer.
-DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48,
-                    40.96, 81.92, 163.84, 327.68, 655.36)
+# OpenTelemetry's recommended boundaries (the request duration's are in windows.py).
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
                 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
                 10.0)
 TOKEN_BUCKETS = (1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0,
                  1048576.0, 4194304.0, 16777216.0, 67108864.0)
+# The same as integers: a token count is compared with an int faster than with a float.
+_TOKEN_LIMITS = tuple(int(bound) for bound in TOKEN_BUCKETS)
 
 
 
@@ -78,7 +82,8 @@ Key = tuple[str, ...]
 
 
 class Histogram:
-    """Bucket counts per label tuple; the row is [count per bucket..., +Inf, sum]."""
+    """Bucket counts per label tuple; the row is [count per bucket..., +Inf, sum] (counts are
+    ints, the sum a float: each addition then takes the interpreter's fast path)."""
 
     __slots__ = ("bounds", "series")
 
@@ -89,7 +94,7 @@ class Histogram:
     def row(self, key: Key) -> list[float]:
         row = self.series.get(key)
         if row is None:
-            row = self.series[key] = [0.0] * (len(self.bounds) + 2)
+            row = self.series[key] = [0] * (len(self.bounds) + 1) + [0.0]
         return row
 
 
@@ -107,21 +112,29 @@ def _cell(values: dict[Key, list[int]], key: Key) -> list[int]:
 
 class _Shape:
     """The rows one kind of request moves (same operation, model, target, status, stream and
-    ending), found once and kept: a request then costs a look-up and a few additions."""
+    ending), found once and kept: a request then costs a look-up and a few additions.
 
-    __slots__ = ("disconnects", "duration", "failed", "model", "requests", "selected", "target",
-                 "tokens_cached", "tokens_in", "tokens_out", "tpot", "ttft", "upstream",
-                 "window")
+    Its latencies are counted in the windows' fine buckets (`latency`, and the sum in
+    `elapsed`); the duration histogram, the request counter and the target's selections are
+    summed from them when read, so a request places its latency once and counts nothing else
+    twice."""
 
-    requests: list[int]
-    duration: list[float]
-    window: tuple[list[int], list[list[int]]]
-    failed: int
+    __slots__ = ("disconnects", "duration_key", "elapsed", "failed", "latency", "model",
+                 "requests_key", "served", "slot_end", "slot_row", "target", "tokens_cached",
+                 "tokens_in", "tokens_out", "tpot", "ttft", "upstream")
+
+    latency: list[int]
+    elapsed: float
+    requests_key: Key
+    duration_key: Key
+    slot_end: float  # the current window slot's row, until this time
+    slot_row: list[int]
+    failed: bool
     model: str
     target: str
+    served: bool
     disconnects: list[int] | None
-    selected: list[int] | None  # the rest only for a request a target answered
-    upstream: list[float]
+    upstream: list[float]  # the rest only for a request a target answered
     ttft: list[float] | None
     tokens_in: list[float]
     tokens_out: list[float]
@@ -186,9 +199,9 @@ class Metrics:
         return label if label in self.targets else "other"
 
     def observe(self, path: str, context: RequestContext, status: int,
-                error: SidecarError | None) -> None:
-        """Count one finished request (its answer written, failed, or abandoned: 499)."""
-        now = perf_counter()
+                error: SidecarError | None, now: float) -> None:
+        """Count one finished request (its answer written, failed, or abandoned: 499), which
+        ended at `now` (perf_counter)."""
         record = context.record
         # Most requests repeat one of a few shapes: one look-up by what the record says.
         shape = self._known.get((path, record.model, record.target, status, record.stream,
@@ -198,47 +211,52 @@ class Metrics:
             if shape is None:
                 return  # health checks, the admin API and scrapes are not traffic
         elapsed = now - context.timing.start
-        shape.requests[0] += 1
-        row = shape.duration
-        row[bisect_left(DURATION_BUCKETS, elapsed)] += 1
-        row[-1] += elapsed
-        slot = int(now // SLOT_S)
-        stamps, rows = shape.window
-        i = slot % SLOTS
-        if stamps[i] != slot:
-            stamps[i] = slot
-            rows[i] = [0] * ROW
-        counts = rows[i]
+        shape.elapsed += elapsed
+        bucket = bisect_left(LATENCY_BOUNDS, elapsed)
+        shape.latency[bucket] += 1
+        if now >= shape.slot_end:
+            self._next_slot(shape, now)
+        counts = shape.slot_row
         counts[0] += 1
-        counts[1] += shape.failed
-        counts[2 + bisect_left(LATENCY_BOUNDS, elapsed)] += 1
+        if shape.failed:
+            counts[1] += 1
+        counts[2 + bucket] += 1
         if error is not None or shape.disconnects is not None or record.fallback_from \
                 or record.spill_over_from:
-            self._rarer(record, error, shape, slot)
-        if shape.selected is None:
+            self._rarer(record, error, shape, now)
+        if not shape.served:
             return
-        shape.selected[0] += 1
         waited = context.timing.upstream
         row = shape.upstream
         row[bisect_left(DURATION_BUCKETS, waited)] += 1
         row[-1] += waited
         first = record.first_byte_s
         if shape.ttft is not None and first is not None:
-            _add(shape.ttft, TTFT_BUCKETS, first)
+            row = shape.ttft
+            row[bisect_left(TTFT_BUCKETS, first)] += 1
+            row[-1] += first
         usage = record.usage
         if usage is not None:
             tokens = usage[0]
             row = shape.tokens_in
-            row[bisect_left(TOKEN_BUCKETS, tokens)] += 1
+            row[bisect_left(_TOKEN_LIMITS, tokens)] += 1
             row[-1] += tokens
             tokens = usage[1]
             row = shape.tokens_out
-            row[bisect_left(TOKEN_BUCKETS, tokens)] += 1
+            row[bisect_left(_TOKEN_LIMITS, tokens)] += 1
             row[-1] += tokens
             if usage[3] >= 0:  # the answer said how many prompt tokens came from a cache
-                _add(shape.tokens_cached, TOKEN_BUCKETS, usage[3])
-            if shape.tpot is not None and first is not None and usage[1] > 1:
-                _add(shape.tpot, TPOT_BUCKETS, (elapsed - first) / (usage[1] - 1))
+                row = shape.tokens_cached
+                row[bisect_left(_TOKEN_LIMITS, usage[3])] += 1
+                row[-1] += usage[3]
+            if shape.tpot is not None and first is not None and tokens > 1:
+                _add(shape.tpot, TPOT_BUCKETS, (elapsed - first) / (tokens - 1))
+
+    def _next_slot(self, shape: _Shape, now: float) -> None:
+        """The window slot `now` falls in, for this shape's rows from now on."""
+        slot = int(now // SLOT_S)
+        shape.slot_row = self.windows.row(shape.model, shape.target, slot)
+        shape.slot_end = (slot + 1) * SLOT_S
 
     def _shape_of(self, path: str, record: RequestRecord, status: int) -> _Shape | None:
         """The shape of a request not seen before: its labels made bounded (a model nobody
@@ -274,21 +292,22 @@ class Metrics:
         counters, histograms = self.counters, self.histograms
         shape = _Shape()
         shape.model = model
-        shape.requests = _cell(counters["llm_sidecar_requests"], (
-            door, name, model, f"{status // 100}xx", "true" if stream else "false"))
+        shape.requests_key = (door, name, model, f"{status // 100}xx",
+                              "true" if stream else "false")
         target = shape.target = self._target(served) if served else ("cache" if hit else "none")
         error_type = str(status) if status >= 400 else ended
-        shape.duration = histograms["gen_ai_client_operation_duration_seconds"].row(
-            (name, target, model, error_type))
-        shape.window = self.windows.series_of(model, target)
+        shape.duration_key = (name, target, model, error_type)
+        shape.latency = [0] * (len(LATENCY_BOUNDS) + 1)
+        shape.elapsed = 0.0
+        shape.slot_end = 0.0
+        shape.slot_row = []
         # A client that left is not the target's failure.
-        shape.failed = int(error_type not in ("", "499", "client_gone"))
+        shape.failed = error_type not in ("", "499", "client_gone")
         shape.disconnects = _cell(counters["llm_sidecar_client_disconnects"], (model, target)) \
             if stream and (status == 499 or ended == "client_gone") else None
-        shape.selected = None
+        shape.served = bool(served)
         if not served:
             return shape
-        shape.selected = _cell(counters["llm_sidecar_target_selected"], (model, target))
         shape.upstream = histograms["llm_sidecar_upstream_duration_seconds"].row((target,))
         genai = (name, target, model)
         shape.ttft = histograms["gen_ai_server_time_to_first_token_seconds"].row(genai) \
@@ -302,7 +321,7 @@ class Metrics:
         return shape
 
     def _rarer(self, record: RequestRecord, error: SidecarError | None, shape: _Shape,
-               slot: int) -> None:
+               now: float) -> None:
         """Refusals, disconnects, fallbacks and spill-overs: not on every request."""
         counters = self.counters
         if isinstance(error, RateLimited):
@@ -315,24 +334,43 @@ class Metrics:
             shape.disconnects[0] += 1
         for label in record.fallback_from:
             before = self._target(label)
-            if shape.selected is not None:
+            if shape.served:
                 _cell(counters["llm_sidecar_fallbacks"], (before, shape.target))[0] += 1
-            row = self.windows.row(shape.model, before, slot)
+            row = self.windows.row(shape.model, before, int(now // SLOT_S))
             row[0] += 1
             row[1] += 1
-        if shape.selected is not None:
+        if shape.served:
             for label in record.spill_over_from:
                 _cell(counters["llm_sidecar_spill_overs"],
                       (self._target(label), shape.target))[0] += 1
 
     def snapshot(self, parts: Callable[[], Iterator[Metric]]) -> Snapshot:
         """A copy of the numbers, taken on the loop, for a thread to render."""
-        return Snapshot(
-            {name: {k: cell[0] for k, cell in values.items()}
-             for name, values in self.counters.items()},
-            {name: {k: row.copy() for k, row in h.series.items()}
-             for name, h in self.histograms.items()},
-            self, parts)
+        counters = {name: {k: cell[0] for k, cell in values.items()}
+                    for name, values in self.counters.items()}
+        histograms = {name: {k: row.copy() for k, row in h.series.items()}
+                      for name, h in self.histograms.items()}
+        # What each shape's latencies hold: its requests, its target's selections, and the
+        # duration histogram (shapes that differ only in what the labels leave out add up).
+        requests = counters["llm_sidecar_requests"]
+        selected = counters["llm_sidecar_target_selected"]
+        durations = histograms["gen_ai_client_operation_duration_seconds"]
+        for shape in self._shapes.values():
+            seen = sum(shape.latency)
+            if not seen:
+                continue
+            requests[shape.requests_key] = requests.get(shape.requests_key, 0) + seen
+            if shape.served:
+                key = (shape.model, shape.target)
+                selected[key] = selected.get(key, 0) + seen
+            row = durations.get(shape.duration_key)
+            if row is None:
+                row = durations[shape.duration_key] = [0] * (len(DURATION_BUCKETS) + 1) + [0.0]
+            for bucket, count in enumerate(shape.latency):
+                if count:
+                    row[DURATION_OF[bucket]] += count
+            row[-1] += shape.elapsed
+        return Snapshot(counters, histograms, self, parts)
 
     def certificate_expiry(self) -> float | None:
         """The TLS certificate's notAfter as a Unix time, read again when the file changes
