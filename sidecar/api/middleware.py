@@ -97,6 +97,9 @@ def make_middleware(access_log: AccessLog, guard: Guard, metrics: Metrics | None
             response.force_close()
         except Exception:
             log.exception("unhandled error", extra={"fields": {"request_id": rid}})
+            if request.writer is not None and request.writer.output_size > 0:
+                # A response is under way: another written after it would corrupt it.
+                raise
             response = _error_response(request, SidecarError(
                 f"The sidecar failed to handle this request (request id {rid})."))
         now = perf_counter()  # one reading for the header, the log line and the metrics

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -16,6 +17,8 @@ from aiohttp import web
 from sidecar.appkeys import CONTEXT
 from sidecar.errors import SHUTTING_DOWN, ShuttingDown, SidecarError, cancelled_for_shutdown
 from sidecar.exchange import Answer
+
+log = logging.getLogger("sidecar")
 
 SSE_HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",
@@ -58,6 +61,15 @@ async def write_sse(request: web.Request, answer: Answer, dialect: SseDialect
             # the client knows the answer is incomplete.
             record.stream_error = exc.code or exc.type
             await response.write(dialect.error(exc))
+        except Exception:
+            # A fault of ours mid-stream: the same error event, never a second response
+            # written into the body of the first.
+            log.exception("stream failed", extra={"fields": {
+                "request_id": context.request_id}})
+            record.stream_error = SidecarError.type
+            await response.write(dialect.error(SidecarError(
+                f"The sidecar failed to handle this stream (request id "
+                f"{context.request_id}).")))
         await response.write_eof()
         return response
     except ConnectionResetError:

@@ -338,13 +338,14 @@ def messages_usage(data: bytes, before: tuple[int, int, int, int] | None = None
 
     def count(name: str) -> int | None:
         value = raw.get(name)
-        return value if isinstance(value, int) and not isinstance(value, bool) else None
+        return value if isinstance(value, int) and not isinstance(value, bool) \
+            and value >= 0 else None
 
     if count("input_tokens") is not None:
         read = count("cache_read_input_tokens") or 0
         prompt = (count("input_tokens") or 0) + read + (count("cache_creation_input_tokens")
                                                         or 0)
-        cached = read if "cache_read_input_tokens" in raw else cached
+        cached = read if count("cache_read_input_tokens") is not None else cached
     if count("output_tokens") is not None:
         completion = count("output_tokens") or 0
     return prompt, completion, prompt + completion, cached

@@ -4,7 +4,7 @@ answer. Pure: no I/O. Where OpenAI is spoken on both sides the bytes pass throug
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeGuard
 
 import orjson
 
@@ -154,17 +154,24 @@ def events_from_chunk(data: bytes) -> list[Event]:
     if error is not None:
         message = error.get("message") if isinstance(error, dict) else None
         return [StreamFailure(UpstreamError(str(message or "The upstream's stream failed.")))]
-    for choice in chunk.get("choices") or ():
+    for choice in _list(chunk.get("choices")):
         if not isinstance(choice, dict) or choice.get("index", 0) != 0:
             continue
-        delta = choice.get("delta") or {}
-        text = delta.get("content") if isinstance(delta, dict) else None
+        delta = choice.get("delta")
+        if not isinstance(delta, dict):
+            delta = {}
+        text = delta.get("content")
         if isinstance(text, str) and text:
             events.append(TextDelta(text))
-        for call in (delta.get("tool_calls") or ()) if isinstance(delta, dict) else ():
-            function = call.get("function") or {}
-            events.append(ToolCallDelta(int(call.get("index", 0)), call.get("id"),
-                                        function.get("name"), function.get("arguments") or ""))
+        for call in _list(delta.get("tool_calls")):
+            if not isinstance(call, dict):
+                continue
+            function = call.get("function")
+            if not isinstance(function, dict):
+                function = {}
+            events.append(ToolCallDelta(_count(call.get("index")), _text(call.get("id")),
+                                        _text(function.get("name")),
+                                        _text(function.get("arguments")) or ""))
         if choice.get("finish_reason"):
             events.append(Finish(str(choice["finish_reason"])))
     usage = chunk.get("usage")
@@ -184,7 +191,7 @@ def events_from_answer(answer: dict[str, Any]) -> list[Event]:
         text = message.get("content")
         if isinstance(text, str) and text:
             events.append(TextDelta(text))
-        for i, call in enumerate(message.get("tool_calls") or ()):
+        for i, call in enumerate(_list(message.get("tool_calls"))):
             function = call.get("function") if isinstance(call, dict) else None
             if isinstance(function, dict):
                 events.append(ToolCallDelta(i, str(call.get("id", "")),
@@ -291,7 +298,26 @@ def usage_json(usage: Usage) -> dict[str, Any]:
 
 
 def usage_from_json(usage: dict[str, Any]) -> Usage:
+    """An upstream's usage: what is not a count (a string, a negative number) reads as none."""
     details = usage.get("prompt_tokens_details")
     cached = details.get("cached_tokens") if isinstance(details, dict) else None
-    return Usage(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0),
-                 int(cached) if isinstance(cached, int) else None)
+    return Usage(_count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens")),
+                 cached if _is_count(cached) else None)
+
+
+# An upstream's JSON is read for what it should hold; anything else counts as absent, so that
+# a malformed answer never raises in the middle of a translation.
+def _list(value: object) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _is_count(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _count(value: object) -> int:
+    return value if _is_count(value) else 0

@@ -5,7 +5,7 @@ answer is long."""
 
 from __future__ import annotations
 
-from typing import TypeGuard
+from typing import Annotated, TypeGuard
 
 import msgspec
 import orjson
@@ -15,14 +15,19 @@ Usage = tuple[int, int, int, int]
 _WHOLE_BELOW = 2048
 
 
+# A count below zero is refused: it would give a tenant's token budget back more than the
+# request took.
+_Count = Annotated[int, msgspec.Meta(ge=0)]
+
+
 class _Details(msgspec.Struct, gc=False):
-    cached_tokens: int = -1
+    cached_tokens: _Count = -1  # the default says "not said"
 
 
 class _Usage(msgspec.Struct, gc=False):
-    total_tokens: int
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
+    total_tokens: _Count
+    prompt_tokens: _Count = 0
+    completion_tokens: _Count = 0
     prompt_tokens_details: _Details | None = None
 
 
@@ -76,4 +81,4 @@ def _loosely(body: bytes) -> Usage | None:
 
 
 def _count(value: object) -> TypeGuard[int]:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

@@ -11,6 +11,7 @@ from typing import Any
 
 import anthropic
 import httpx
+import orjson
 import pytest
 
 from tests.support.anthropic_mock import AnthropicMock
@@ -177,3 +178,17 @@ def test_openai_errors_stay_openai_shaped_on_the_openai_door(door: Sidecar) -> N
                                                                 "messages": said("hi")})
     assert reply.status_code == 404
     assert reply.json()["error"]["code"] == "model_not_found"
+
+
+def test_a_malformed_openai_chunk_never_breaks_the_messages_stream(door: Sidecar) -> None:
+    # Tool calls that are not objects, an index that is not a number, usage in words.
+    bad = orjson.dumps({
+        "id": "chatcmpl-x", "object": "chat.completion.chunk", "created": 1, "model": "s",
+        "choices": [{"index": 0, "delta": {"tool_calls": [5, {"index": "a"}]},
+                     "finish_reason": None}],
+        "usage": {"prompt_tokens": "many", "completion_tokens": -3}}).decode()
+    events = stream(door, script(chat_chunk("Hi"), bad, chat_chunk(finish="stop")))
+    assert [name for name, _ in events][-1] == "message_stop"
+    text = "".join(data["delta"].get("text", "") for name, data in events
+                   if name == "content_block_delta")
+    assert text == "Hi"

@@ -156,6 +156,13 @@ def test_usage_is_read_from_an_answer_and_from_a_stream_in_parts() -> None:
     assert messages_usage(b"not json", (1, 2, 3, -1)) == (1, 2, 3, -1)
 
 
+def test_a_negative_count_reads_as_none() -> None:
+    # A negative count would give a tenant's token budget back more than the request took.
+    answer = orjson.dumps({"type": "message", "usage": {
+        "input_tokens": 10, "output_tokens": -70000, "cache_read_input_tokens": -4}})
+    assert messages_usage(answer) == (10, 0, 10, -1)
+
+
 def test_a_kept_message_and_its_stream_events_spell_each_other() -> None:
     message = orjson.dumps({
         "id": "msg_k", "type": "message", "role": "assistant", "model": "m",

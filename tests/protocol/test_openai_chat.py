@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import orjson
 import pytest
 
@@ -19,6 +21,7 @@ from sidecar.protocol.chat import (
 from sidecar.protocol.openai_chat import (
     ChunkWriter,
     answer_json,
+    events_from_answer,
     events_from_chunk,
     request_from_openai,
     request_to_openai,
@@ -145,3 +148,27 @@ def test_cached_prompt_tokens_are_written_and_read_back() -> None:
 
 def test_the_internal_form_needs_only_a_model() -> None:
     assert request_to_openai(ChatRequest(model="m")) == {"model": "m", "messages": []}
+
+
+@pytest.mark.parametrize("chunk", [
+    {"choices": 5},
+    {"choices": [{"index": 0, "delta": "text"}]},
+    {"choices": [{"index": 0, "delta": {"tool_calls": [5, {"index": "a", "function": 7}]}}]},
+    {"choices": [], "usage": {"prompt_tokens": "many", "completion_tokens": [1]}},
+    {"choices": [], "usage": {"prompt_tokens": -5, "completion_tokens": 2,
+                              "prompt_tokens_details": {"cached_tokens": -1}}},
+])
+def test_a_malformed_chunk_reads_as_what_it_holds_and_never_raises(chunk: dict[str, Any]
+                                                                   ) -> None:
+    events = events_from_chunk(orjson.dumps(chunk))
+    assert all(not isinstance(e, ToolCallDelta) or (e.index == 0 and e.name is None)
+               for e in events)
+    usages = [e for e in events if isinstance(e, Usage)]
+    assert all(u.prompt_tokens == 0 and u.cached_tokens is None for u in usages)
+
+
+def test_a_malformed_answer_reads_as_what_it_holds_and_never_raises() -> None:
+    events = events_from_answer({
+        "choices": [{"message": {"content": "Hi", "tool_calls": 3}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": "x", "completion_tokens": 4}})
+    assert events == [TextDelta("Hi"), Finish("stop"), Usage(0, 4)]

@@ -79,3 +79,12 @@ def test_a_long_answers_usage_is_its_own(body: bytes) -> None:
 def test_counts_of_another_type_read_as_none() -> None:
     body = b'{"usage":{"prompt_tokens":"3","completion_tokens":true,"total_tokens":7}}'
     assert usage_of(body) == (0, 0, 7, -1)
+
+
+def test_negative_counts_read_as_none() -> None:
+    # A negative total would give a tenant's token budget back more than the request took.
+    body = b'{"usage":{"prompt_tokens":-3,"completion_tokens":4,"total_tokens":-70000}}'
+    assert usage_of(body) is None
+    body = (b'{"usage":{"prompt_tokens":-3,"completion_tokens":4,"total_tokens":7,'
+            b'"prompt_tokens_details":{"cached_tokens":-1}}}')
+    assert usage_of(body) == (0, 4, 7, -1)
