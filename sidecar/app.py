@@ -223,7 +223,7 @@ async def _gateway(app: web.Application) -> AsyncIterator[None]:
     answers = AnswerCache(cache, settings.cache, app[CACHE_SECRET]) if cache else None
     backends = app[BACKENDS]
     app[GATEWAY] = Gateway(table, backends, Router(settings.routing), app[LIMITER], answers,
-                           count_usage=app[METRICS] is not None)
+                           count_usage=app[METRICS] is not None or settings.logging.requests)
     yield
 
 

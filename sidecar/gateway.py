@@ -42,7 +42,8 @@ class Gateway:
     # Requests each target ("provider/model") is answering now: a JSON answer until it has
     # arrived, a stream until it is closed.
     in_flight: dict[str, int] = field(default_factory=dict)
-    # Note each answer's usage on the record even without a token budget (for metrics).
+    # Note each answer's usage on the record even without a token budget (for the request's
+    # log line and the metrics).
     count_usage: bool = False
 
     async def open(self, exchange: Exchange) -> Answer:
