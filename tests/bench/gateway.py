@@ -281,9 +281,15 @@ def main() -> int:
     parser.add_argument("--ab", metavar="REV",
                         help="instead: this tree's sidecar against the one at git revision REV "
                         "(e.g. main), side by side, throughput and added latency")
+    parser.add_argument("--extra-a", default="", metavar="TOML",
+                        help="with --ab: appended to A's config, e.g. "
+                        "'[metrics]\\nenabled = false'")
+    parser.add_argument("--extra-b", default="", metavar="TOML",
+                        help="with --ab: appended to B's config")
     args = parser.parse_args()
     if args.ab:
-        return ab(args.ab, args.rounds, args.latency_rounds, args.seconds)
+        return ab(args.ab, args.rounds, args.latency_rounds, args.seconds,
+                  (args.extra_a, args.extra_b))
 
     work = Path(tempfile.mkdtemp(prefix="sidecar-bench-"))
     script = work / "post.lua"
@@ -487,8 +493,11 @@ def _print(rows: list[tuple[str, str, str, str, str, str]]) -> None:
         print("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |")
 
 
-def ab(rev: str, rounds: int, latency_rounds: int, seconds: float) -> int:
-    """This tree's sidecar (B) against the one at `rev` (A), same config, alternated runs."""
+def ab(rev: str, rounds: int, latency_rounds: int, seconds: float,
+       extra: tuple[str, str] = ("", "")) -> int:
+    """This tree's sidecar (B) against the one at `rev` (A), alternated runs; the same config,
+    but for what `extra` appends to A's and to B's (`rev` HEAD with no change in the tree
+    and no extra measures the noise: both sides are the same)."""
     work = Path(tempfile.mkdtemp(prefix="sidecar-ab-"))
     other = work / "a"
     subprocess.run(["git", "worktree", "add", "--detach", str(other), rev], cwd=ROOT,
@@ -500,9 +509,10 @@ def ab(rev: str, rounds: int, latency_rounds: int, seconds: float) -> int:
             f"wrk.body = [[{orjson.dumps(CHAT).decode()}]]\n")
         mock_port, a_port, b_port = (free_port() for _ in range(3))
         env = {"BENCH_UPSTREAM_KEY": "sk-bench-not-a-real-key", "PYTHONUNBUFFERED": "1"}
-        for name, port in (("a", a_port), ("b", b_port)):
+        for name, port, appended in (("a", a_port, extra[0]), ("b", b_port, extra[1])):
             (work / f"{name}.toml").write_text(
-                SIDECAR_CONFIG.format(port=port, mock=mock_port, targets=ONE_TARGET))
+                SIDECAR_CONFIG.format(port=port, mock=mock_port, targets=ONE_TARGET)
+                + ("\n" + appended.replace("\\n", "\n") + "\n" if appended else ""))
         with process([PY, "-m", "tests.bench.mock", str(mock_port)], LOAD_CPU, mock_port), \
              process([PY, "-m", "sidecar", "serve", "--config", str(work / "a.toml")],
                      SERVER_CPU, a_port, work / "a.log", env, cwd=other) as a, \
@@ -546,6 +556,9 @@ def ab(rev: str, rounds: int, latency_rounds: int, seconds: float) -> int:
                      "<= 1.05" if q == "p50" else ""))
     print(f"\nA/B: {rev} (A) against this tree (B), {rounds} + {latency_rounds} alternated "
           "rounds\n")
+    for side, appended in zip("AB", extra, strict=True):
+        if appended:
+            print(f"{side}'s config adds: {appended!r}\n")
     header = ("measure", f"A: {rev}", "B: this tree", "B/A", "goal")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(5)]
     for row in [header, tuple("-" * w for w in widths), *rows]:

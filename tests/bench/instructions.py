@@ -3,11 +3,13 @@ same code and input whatever else the machine is doing, where requests per secon
 machine move by 15% between two runs of the same code.
 
 Each sidecar (this tree, or a git revision checked out in a temporary worktree) runs under
-callgrind twice against the benchmark mock: once serving nothing, once serving N non-streamed
-chat requests one after the other; the difference over N is the cost of one request, start-up
-excluded. It needs valgrind (Debian package `valgrind`) and takes about a minute a tree.
+callgrind against the benchmark mock: after 50 requests to warm it up, its counters are zeroed
+(`callgrind_control --zero`), it serves N non-streamed chat requests one after the other, and
+its counters are dumped; the total over N is the cost of one request, with no start-up or
+first-call cost in it (two runs of one tree agree within 0.3%). It needs valgrind (Debian
+package `valgrind`) and takes about half a minute a tree.
 
-    python -m tests.bench.instructions --requests 300 7051ac3 HEAD
+    python -m tests.bench.instructions 7051ac3 HEAD
     python -m tests.bench.instructions --extra '[metrics]\\nenabled = false' .
     python -m tests.bench.instructions floor .     # the bare aiohttp proxy beside this tree
 """
@@ -38,9 +40,13 @@ from tests.bench.gateway import (
     wait_port,
 )
 
+# Requests before counting: pools opened, code paths specialized, first-call imports done.
+WARM_UP = 50
 
-def instructions(tree: Path | None, requests: int, mock: int, extra: str) -> int:
-    """Instructions of one server run; `tree` None: the bare aiohttp proxy (the floor)."""
+def instructions(tree: Path | None, requests: int, mock: int, extra: str) -> float:
+    """Instructions per request of one server; `tree` None: the bare aiohttp proxy (the
+    floor). Counted between a zeroing and a dump of callgrind's counters around the N
+    requests, after a warm-up, so that neither start-up nor first-call costs are in it."""
     work = Path(tempfile.mkdtemp(prefix="sidecar-callgrind-"))
     port = free_port()
     config = work / "sidecar.toml"
@@ -48,6 +54,7 @@ def instructions(tree: Path | None, requests: int, mock: int, extra: str) -> int
     env = {**os.environ, "BENCH_UPSTREAM_KEY": "sk-bench-not-a-real-key"}
     served = (["sidecar", "serve", "--config", str(config)] if tree is not None else
               ["tests.bench.floor", f"http://127.0.0.1:{mock}/v1", str(port)])
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
     with (work / "valgrind.log").open("wb") as log:
         server = subprocess.Popen(
             ["valgrind", "--tool=callgrind", f"--callgrind-out-file={work / 'out'}", PY, "-m",
@@ -55,14 +62,21 @@ def instructions(tree: Path | None, requests: int, mock: int, extra: str) -> int
             cwd=tree or ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log)
         try:
             wait_port(port, 300)
-            asyncio.run(_send(f"http://127.0.0.1:{port}/v1/chat/completions", requests))
+            asyncio.run(_send(url, WARM_UP))
+            subprocess.run(["callgrind_control", "--zero", str(server.pid)], check=True,
+                           capture_output=True)
+            asyncio.run(_send(url, requests))
+            subprocess.run(["callgrind_control", "--dump", str(server.pid)], check=True,
+                           capture_output=True)
         finally:
             server.send_signal(signal.SIGTERM)
             server.wait(300)
-    counted = re.search(r"Collected : (\d+)", (work / "valgrind.log").read_text())
+    dumps = sorted(work.glob("out.*"))
+    counted = re.search(r"^(?:summary|totals): (\d+)", dumps[0].read_text() if dumps else "",
+                        re.M)
     if counted is None:
-        raise RuntimeError(f"callgrind said no total: {work / 'valgrind.log'}")
-    return int(counted[1])
+        raise RuntimeError(f"callgrind dumped no total in {work}")
+    return int(counted[1]) / requests
 
 
 async def _send(url: str, requests: int) -> None:
@@ -82,7 +96,7 @@ def main() -> int:
     parser.add_argument("trees", nargs="+", metavar="REV",
                         help="git revisions, `.` for this working tree, or `floor` for the "
                         "bare aiohttp proxy of tests/bench/floor.py")
-    parser.add_argument("--requests", type=int, default=300)
+    parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--extra", default="", help="TOML appended to every sidecar's config")
     args = parser.parse_args()
     extra = "\n" + args.extra.replace("\\n", "\n") + "\n" if args.extra else ""
@@ -100,9 +114,7 @@ def main() -> int:
                     subprocess.run(["git", "worktree", "add", "--detach", str(tree), rev],
                                    cwd=ROOT, check=True, capture_output=True)
                     temporary.append(tree)
-                idle = instructions(tree, 0, mock, extra)
-                busy = instructions(tree, args.requests, mock, extra)
-                rows.append((rev, (busy - idle) / args.requests))
+                rows.append((rev, instructions(tree, args.requests, mock, extra)))
     finally:
         for tree in temporary:
             subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT,
