@@ -43,7 +43,8 @@ from tests.bench.gateway import (
 # Requests before counting: pools opened, code paths specialized, first-call imports done.
 WARM_UP = 50
 
-def instructions(tree: Path | None, requests: int, mock: int, extra: str) -> float:
+def instructions(tree: Path | None, requests: int, mock: int, extra: str,
+                 concurrency: int = 1) -> float:
     """Instructions per request of one server; `tree` None: the bare aiohttp proxy (the
     floor). Counted between a zeroing and a dump of callgrind's counters around the N
     requests, after a warm-up, so that neither start-up nor first-call costs are in it."""
@@ -65,7 +66,7 @@ def instructions(tree: Path | None, requests: int, mock: int, extra: str) -> flo
             asyncio.run(_send(url, WARM_UP))
             subprocess.run(["callgrind_control", "--zero", str(server.pid)], check=True,
                            capture_output=True)
-            asyncio.run(_send(url, requests))
+            asyncio.run(_send(url, requests, concurrency))
             subprocess.run(["callgrind_control", "--dump", str(server.pid)], check=True,
                            capture_output=True)
         finally:
@@ -79,15 +80,22 @@ def instructions(tree: Path | None, requests: int, mock: int, extra: str) -> flo
     return int(counted[1]) / requests
 
 
-async def _send(url: str, requests: int) -> None:
+async def _send(url: str, requests: int, concurrency: int = 1) -> None:
+    """`requests` chat requests, `concurrency` at a time (each on a connection of its own)."""
     body = orjson.dumps(CHAT)
-    async with aiohttp.ClientSession() as session:
-        for _ in range(requests):
+    left = iter(range(requests))
+
+    async def one_by_one(session: aiohttp.ClientSession) -> None:
+        for _ in left:
             async with session.post(url, data=body,
                                     headers={"Content-Type": "application/json"}) as reply:
                 if reply.status != 200:
                     raise RuntimeError(f"{reply.status}: {await reply.text()}")
                 await reply.read()
+
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        await asyncio.gather(*(one_by_one(session) for _ in range(concurrency)))
 
 
 def main() -> int:
@@ -98,6 +106,8 @@ def main() -> int:
                         "bare aiohttp proxy of tests/bench/floor.py")
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--extra", default="", help="TOML appended to every sidecar's config")
+    parser.add_argument("--concurrency", type=int, default=1,
+                        help="requests in flight at once (1: one after the other)")
     args = parser.parse_args()
     extra = "\n" + args.extra.replace("\\n", "\n") + "\n" if args.extra else ""
     temporary: list[Path] = []
@@ -114,13 +124,15 @@ def main() -> int:
                     subprocess.run(["git", "worktree", "add", "--detach", str(tree), rev],
                                    cwd=ROOT, check=True, capture_output=True)
                     temporary.append(tree)
-                rows.append((rev, instructions(tree, args.requests, mock, extra)))
+                rows.append((rev, instructions(tree, args.requests, mock, extra,
+                                               args.concurrency)))
     finally:
         for tree in temporary:
             subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT,
                            check=False, capture_output=True)
     first = rows[0][1]
-    print(f"\ninstructions per non-streamed chat request ({args.requests} requests)\n")
+    print(f"\ninstructions per non-streamed chat request ({args.requests} requests, "
+          f"{args.concurrency} at a time)\n")
     print("| tree | instructions | first / this |")
     print("|---|---|---|")
     for rev, count in rows:
