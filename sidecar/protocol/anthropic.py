@@ -13,6 +13,7 @@ import orjson
 
 from sidecar.errors import InvalidRequest, UpstreamError
 from sidecar.protocol.chat import (
+    MAX_COUNT,
     ChatMessage,
     ChatRequest,
     Event,
@@ -193,7 +194,9 @@ def usage(raw: object) -> Usage:
 
 
 def _count(value: object) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+    """What is not a count (a string, a negative number, one past any answer) reads as none."""
+    return value if isinstance(value, int) and not isinstance(value, bool) \
+        and 0 <= value <= MAX_COUNT else 0
 
 
 def answer_events(answer: dict[str, Any]) -> list[Event]:
@@ -201,7 +204,8 @@ def answer_events(answer: dict[str, Any]) -> list[Event]:
     JSON arguments), the finish reason and the usage. Thinking blocks are not passed on."""
     events: list[Event] = []
     tools = 0
-    for block in answer.get("content") or ():
+    content = answer.get("content")
+    for block in content if isinstance(content, list) else ():
         kind = block.get("type") if isinstance(block, dict) else None
         if kind == "text" and isinstance(block.get("text"), str) and block["text"]:
             events.append(TextDelta(block["text"]))

@@ -12,6 +12,7 @@ import orjson
 from sidecar.errors import InvalidRequest
 from sidecar.protocol.anthropic import StreamState, answer_events
 from sidecar.protocol.chat import (
+    MAX_COUNT,
     ChatMessage,
     ChatRequest,
     Event,
@@ -339,7 +340,7 @@ def messages_usage(data: bytes, before: tuple[int, int, int, int] | None = None
     def count(name: str) -> int | None:
         value = raw.get(name)
         return value if isinstance(value, int) and not isinstance(value, bool) \
-            and value >= 0 else None
+            and 0 <= value <= MAX_COUNT else None
 
     if count("input_tokens") is not None:
         read = count("cache_read_input_tokens") or 0

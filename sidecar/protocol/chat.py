@@ -9,6 +9,11 @@ from typing import Any
 
 from sidecar.errors import SidecarError
 
+# The most tokens an upstream's count may say. Past it, a count is not a count (no answer is
+# that long): a few such counts summed would not fit the 64 bits a JSON writer takes, and
+# JavaScript clients read numbers exactly only up to here.
+MAX_COUNT = 2**53
+
 
 @dataclass(slots=True)
 class ImagePart:

@@ -10,6 +10,7 @@ import orjson
 
 from sidecar.errors import InvalidRequest, UpstreamError
 from sidecar.protocol.chat import (
+    MAX_COUNT,
     ChatMessage,
     ChatRequest,
     Event,
@@ -298,7 +299,8 @@ def usage_json(usage: Usage) -> dict[str, Any]:
 
 
 def usage_from_json(usage: dict[str, Any]) -> Usage:
-    """An upstream's usage: what is not a count (a string, a negative number) reads as none."""
+    """An upstream's usage: what is not a count (a string, a negative number, one past any
+    answer) reads as none."""
     details = usage.get("prompt_tokens_details")
     cached = details.get("cached_tokens") if isinstance(details, dict) else None
     return Usage(_count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens")),
@@ -316,7 +318,7 @@ def _text(value: object) -> str | None:
 
 
 def _is_count(value: object) -> TypeGuard[int]:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_COUNT
 
 
 def _count(value: object) -> int:

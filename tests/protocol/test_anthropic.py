@@ -13,6 +13,7 @@ from sidecar.protocol.anthropic import (
     answer_events,
     request_to_anthropic,
     stop_reason,
+    usage,
 )
 from sidecar.protocol.chat import (
     ChatMessage,
@@ -167,6 +168,21 @@ def test_a_whole_answer_becomes_text_tool_calls_finish_and_usage() -> None:
     assert events == [TextDelta("Let me see."), ToolCallDelta(0, "t1", "get", '{"c":1}'),
                       ToolCallDelta(1, "t2", "get", "{}"), Finish("tool_calls"),
                       Usage(3 + 5 + 6, 4, 5)]
+
+
+@pytest.mark.parametrize("content", [True, 5, 1.5])
+def test_content_that_is_not_a_list_reads_as_no_blocks(content: object) -> None:
+    assert answer_events({"content": content, "stop_reason": "end_turn"}) == [
+        Finish("stop"), Usage(0, 0)]
+
+
+def test_a_count_that_is_negative_or_past_any_answer_reads_as_none() -> None:
+    # A sum of such counts would not fit the 64 bits a JSON writer takes: the answer written
+    # for the client would raise.
+    assert usage({"input_tokens": -5, "output_tokens": 2**64 - 1,
+                  "cache_read_input_tokens": 2**53 + 1, "cache_creation_input_tokens": 3,
+                  }) == Usage(3, 0, 0)
+    assert usage({"input_tokens": 2**53, "output_tokens": True}) == Usage(2**53, 0, 0)
 
 
 def stream_with_two_tools(state: StreamState) -> list[Any]:

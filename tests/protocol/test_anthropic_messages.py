@@ -163,6 +163,13 @@ def test_a_negative_count_reads_as_none() -> None:
     assert messages_usage(answer) == (10, 0, 10, -1)
 
 
+def test_a_count_past_any_answer_reads_as_none() -> None:
+    # The prompt sums three counts: past 64 bits, the request's log line could not be written.
+    answer = orjson.dumps({"type": "message", "usage": {
+        "input_tokens": 2**64 - 1, "output_tokens": 5, "cache_read_input_tokens": 2**64 - 1}})
+    assert messages_usage(answer) == (0, 5, 5, -1)
+
+
 def test_a_kept_message_and_its_stream_events_spell_each_other() -> None:
     message = orjson.dumps({
         "id": "msg_k", "type": "message", "role": "assistant", "model": "m",

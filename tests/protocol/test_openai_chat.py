@@ -172,3 +172,14 @@ def test_a_malformed_answer_reads_as_what_it_holds_and_never_raises() -> None:
         "choices": [{"message": {"content": "Hi", "tool_calls": 3}, "finish_reason": "stop"}],
         "usage": {"prompt_tokens": "x", "completion_tokens": 4}})
     assert events == [TextDelta("Hi"), Finish("stop"), Usage(0, 4)]
+
+
+def test_a_count_past_any_answer_reads_as_none() -> None:
+    # Prompt and completion tokens sum to a total that would not fit the 64 bits a JSON
+    # writer takes: the chunk or answer written for the client would raise.
+    usage = {"prompt_tokens": 2**64 - 1, "completion_tokens": 2**53 + 1,
+             "prompt_tokens_details": {"cached_tokens": 2**63}}
+    assert events_from_answer({"usage": usage}) == [Usage(0, 0)]
+    assert events_from_chunk(orjson.dumps({"choices": [], "usage": usage})) == [Usage(0, 0)]
+    limit = {"prompt_tokens": 2**53, "completion_tokens": 2**53}
+    assert events_from_answer({"usage": limit}) == [Usage(2**53, 2**53)]

@@ -15,6 +15,8 @@ its own: it writes a user text that starts with `mock:` and a JSON object instea
                         x-api-key received in the error's message
     error_event         a stream: after the first text delta, an `error` event (overloaded)
     error_first         a stream: an `error` event right after message_start
+    events              a stream: these events' data (objects, sent as they are) after the
+                        first text delta
 A count (`/v1/messages/count_tokens`) answers the request's length in bytes over three.
     break_after         a stream: drop the connection after this many events
     no_stop             a stream: end without message_stop
@@ -201,6 +203,8 @@ def _events(message: dict[str, Any], mock: dict[str, Any]) -> list[tuple[str, di
                 piece = word if i == 0 else " " + word
                 events.append(("content_block_delta", {"index": index, "delta": {
                     "type": "text_delta", "text": piece}}))
+                if i == 0:
+                    events += [(str(data.get("type")), data) for data in mock.get("events", ())]
                 if mock.get("error_event") and len(events) >= 4:
                     events.append(("error", {"error": {"type": "overloaded_error",
                                                        "message": "Overloaded"}}))
