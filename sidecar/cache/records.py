@@ -61,6 +61,8 @@ def whole_stream(chunks: list[bytes]) -> bool:
             if not isinstance(choice, dict):
                 return False
             index = choice.get("index", 0)
+            if isinstance(index, bool) or not isinstance(index, int):
+                return False  # not a stream any client could read
             finished[index] = finished.get(index, False) or bool(choice.get("finish_reason"))
     return bool(finished) and all(finished.values())
 

@@ -10,14 +10,16 @@ from typing import Annotated, TypeGuard
 import msgspec
 import orjson
 
+from sidecar.protocol.chat import MAX_COUNT
+
 Usage = tuple[int, int, int, int]
 # Past this many bytes, decoding from the last "usage" key on beats skipping the whole answer.
 _WHOLE_BELOW = 2048
 
 
 # A count below zero is refused: it would give a tenant's token budget back more than the
-# request took.
-_Count = Annotated[int, msgspec.Meta(ge=0)]
+# request took; so is one past any answer (MAX_COUNT), which would drain the budget.
+_Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_COUNT)]
 
 
 class _Details(msgspec.Struct, gc=False):
@@ -81,4 +83,4 @@ def _loosely(body: bytes) -> Usage | None:
 
 
 def _count(value: object) -> TypeGuard[int]:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_COUNT

@@ -65,8 +65,12 @@ def test_a_stream_with_a_finish_reason_is_whole() -> None:
     [b'{"choices": ["x"]}', chunk(finish="stop")],
     # Two choices, only one of them finished.
     [chunk("a", index=0), chunk("b", index=1), chunk(finish="stop", index=0)],
+    # An index no choice can have (it raised TypeError: unhashable).
+    [b'{"choices": [{"index": [0], "finish_reason": "stop"}]}'],
+    [b'{"choices": [{"index": {"a": 1}, "finish_reason": "stop"}]}'],
 ], ids=["empty", "no_finish", "empty_finish", "usage_only", "error_event", "error_field",
-        "not_json", "array", "string", "choices_object", "choice_not_object", "one_of_two"])
+        "not_json", "array", "string", "choices_object", "choice_not_object", "one_of_two",
+        "index_list", "index_object"])
 def test_a_stream_that_did_not_end_well_is_not_whole(chunks: list[bytes]) -> None:
     assert not whole_stream(chunks)
     assert as_json(stream(*chunks)) is None

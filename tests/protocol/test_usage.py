@@ -88,3 +88,10 @@ def test_negative_counts_read_as_none() -> None:
     body = (b'{"usage":{"prompt_tokens":-3,"completion_tokens":4,"total_tokens":7,'
             b'"prompt_tokens_details":{"cached_tokens":-1}}}')
     assert usage_of(body) == (0, 4, 7, -1)
+
+
+def test_a_count_past_any_answer_reads_as_none() -> None:
+    # 2**64 - 1 as the total would drain a tenant's token budget at once.
+    body = (b'{"usage":{"prompt_tokens":3,"completion_tokens":4,'
+            b'"total_tokens":18446744073709551615}}')
+    assert usage_of(body) is None
