@@ -104,15 +104,28 @@ class Browsing:
     def submit(self, button: Any, *, keys: str | None = None) -> None:
         """Click a form's button (or type `keys` into a field) and wait for the page it
         leads to."""
-        from selenium.webdriver.support.expected_conditions import staleness_of
+        from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
         from selenium.webdriver.support.wait import WebDriverWait
 
         old = self.driver.find_element("tag name", "html")
+
+        def left(_: Any) -> bool:
+            try:
+                old.is_enabled()
+            except StaleElementReferenceException:
+                return True
+            except WebDriverException as exc:
+                # Asked in the middle of the navigation, chromium may say so in other words.
+                if "does not belong to the document" in str(exc.msg):
+                    return True
+                raise
+            return False
+
         if keys is None:
             button.click()
         else:
             button.send_keys(keys)
-        WebDriverWait(self.driver, 240).until(staleness_of(old))
+        WebDriverWait(self.driver, 240).until(left)
         WebDriverWait(self.driver, 240).until(
             lambda d: d.execute_script("return document.readyState") == "complete")
 
