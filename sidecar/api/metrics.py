@@ -21,7 +21,7 @@ from sidecar.api.middleware import BrowserCheck
 from sidecar.appkeys import BACKENDS, CACHE, GATEWAY, LIMITER, METRICS, REDIS, SETTINGS, VERIFIER
 from sidecar.backends.local import LocalBackend
 from sidecar.errors import RouteNotFound
-from sidecar.observability.metrics import render
+from sidecar.observability.exposition import render
 from sidecar.observability.windows import LATENCY_BOUNDS, SLOT_S, WINDOWS
 from sidecar.security.jwt import Forbidden, Unauthorized
 
