@@ -9,8 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Generator
 from dataclasses import dataclass
+from typing import Any, cast
 
 from aiohttp import web
 
@@ -50,10 +51,10 @@ async def write_sse(request: web.Request, answer: Answer, dialect: SseDialect
         try:
             if answer.first is not None:
                 frame, write = dialect.frame, response.write
-                await write(frame(answer.first))
-                if answer.events is not None:
-                    async for data in answer.events:
-                        await write(frame(data))
+                if answer.events is None:
+                    await write(frame(answer.first))
+                else:
+                    await write_together(answer.first, answer.events, frame, write)
             if dialect.end:
                 await response.write(dialect.end)
         except SidecarError as exc:
@@ -87,3 +88,90 @@ async def write_sse(request: web.Request, answer: Answer, dialect: SseDialect
         raise
     finally:
         await answer.close()
+
+
+async def write_together(first: bytes, events: AsyncGenerator[bytes, None],
+                         frame: Callable[[bytes], bytes],
+                         write: Callable[[bytes], Awaitable[None]]) -> None:
+    """Write `first` and the events after it, framed. Events the source gives without waiting
+    (a burst read in one piece, a kept answer replayed) go out in one write, up to
+    WRITE_TOGETHER bytes; the source's first wait sends what is held, so no event waits for
+    the next one."""
+    held = [frame(first)]
+    size = len(held[0])
+    while True:
+        step = events.__anext__()
+        try:
+            waits_on = step.send(None)
+        except StopIteration as ready:  # given without a wait
+            held.append(frame(ready.value))
+            size += len(held[-1])
+            if size >= WRITE_TOGETHER:
+                await write(b"".join(held))
+                held, size = [], 0
+            continue
+        except StopAsyncIteration:
+            break
+        except BaseException:
+            if held:  # what came before the failure is the client's
+                await write(b"".join(held))
+            raise
+        # The source waits: what it gave so far goes out now, then its wait goes on.
+        if held:
+            try:
+                await write(b"".join(held))
+            except BaseException as exc:
+                _abandon(step, exc)
+                raise
+            held, size = [], 0
+        try:
+            data = await _Resumed(step, waits_on)
+        except StopAsyncIteration:
+            break
+        held.append(frame(data))
+        size = len(held[0])
+    if held:
+        await write(b"".join(held))
+
+
+# The most bytes of events held for one write: a burst goes out in pieces of about this size.
+WRITE_TOGETHER = 64 * 1024
+
+
+class _Resumed:
+    """The rest of a source's step that was started by hand (`send(None)` gave `waits_on`,
+    what it waits for): awaiting this hands that wait to the task, as if awaited from the
+    start."""
+
+    __slots__ = ("_step", "_waits_on")
+
+    def __init__(self, step: Coroutine[Any, Any, bytes], waits_on: Any) -> None:
+        self._step = step
+        self._waits_on = waits_on
+
+    def __await__(self) -> Generator[Any, Any, bytes]:
+        step, waits_on = self._step, self._waits_on
+        while True:
+            try:
+                sent = yield waits_on
+            except BaseException as exc:  # noqa: BLE001 - cancelled while waiting: the source hears it
+                try:
+                    waits_on = step.throw(exc)
+                except StopIteration as done:
+                    return cast(bytes, done.value)
+            else:
+                try:
+                    waits_on = step.send(sent)
+                except StopIteration as done:
+                    return cast(bytes, done.value)
+
+
+def _abandon(step: Coroutine[Any, Any, bytes], exc: BaseException) -> None:
+    """End a source's step left waiting, with the exception that ends the stream, so that
+    the source unwinds (and closes what it holds) before its generator is closed."""
+    try:
+        step.throw(exc)
+    except BaseException:  # noqa: BLE001 - the stream already ends with `exc`
+        return
+    step.close()  # it went on waiting: it is not resumed again
+

@@ -1,16 +1,20 @@
-"""The SSE writer on loopback: a fault of ours in the middle of a stream ends it with the
-protocol's error event, never with a second response written into the first one's body."""
+"""The SSE writer: on loopback, a fault of ours in the middle of a stream ends it with the
+protocol's error event, never with a second response written into the first one's body; and
+events a source gives without waiting go out together, while nothing is held over a wait."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncGenerator
 
 import aiohttp
+import pytest
 from aiohttp import web
 
 from sidecar.api.openai_writer import OPENAI_SSE
-from sidecar.api.sse_writer import write_sse
+from sidecar.api.sse_writer import WRITE_TOGETHER, write_sse, write_together
 from sidecar.appkeys import CONTEXT
+from sidecar.errors import UpstreamError
 from sidecar.exchange import Answer
 from sidecar.observability.timing import RequestContext
 from sidecar.security.jwt import ANONYMOUS
@@ -40,3 +44,118 @@ async def test_a_fault_mid_stream_ends_it_with_an_error_event() -> None:
     assert b"req_1" in body and b"[DONE]" not in body
     assert b"HTTP/1.1" not in body
     assert contexts[0].record.stream_error == "server_error"
+
+
+# -- write_together: events given without a wait share one write ---------------------------
+
+def _frame(data: bytes) -> bytes:
+    return b"<" + data + b">"
+
+
+class Writes:
+    def __init__(self, fail_at: int | None = None) -> None:
+        self.calls: list[bytes] = []
+        self.fail_at = fail_at
+
+    async def __call__(self, chunk: bytes) -> None:
+        if self.fail_at is not None and len(self.calls) == self.fail_at:
+            raise ConnectionResetError("client gone")
+        self.calls.append(chunk)
+        await asyncio.sleep(0)  # a write may wait for the socket
+
+
+async def test_events_given_without_a_wait_go_out_in_one_write() -> None:
+    async def burst() -> AsyncGenerator[bytes, None]:
+        for i in range(5):
+            yield b"%d" % i
+
+    writes = Writes()
+    await write_together(b"f", burst(), _frame, writes)
+    assert writes.calls == [b"<f><0><1><2><3><4>"]
+
+
+async def test_the_sources_wait_sends_what_it_gave_before_waiting() -> None:
+    gate = asyncio.Event()
+
+    async def spaced() -> AsyncGenerator[bytes, None]:
+        yield b"a"
+        yield b"b"
+        await gate.wait()
+        yield b"c"
+
+    writes = Writes()
+    task = asyncio.create_task(write_together(b"f", spaced(), _frame, writes))
+    await asyncio.sleep(0.01)  # the source waits at the gate
+    assert writes.calls == [b"<f><a><b>"]
+    gate.set()
+    await task
+    assert writes.calls == [b"<f><a><b>", b"<c>"]
+
+
+async def test_a_long_burst_is_written_in_pieces_of_bounded_size() -> None:
+    event = b"x" * 1000
+
+    async def burst() -> AsyncGenerator[bytes, None]:
+        for _ in range(200):
+            yield event
+
+    writes = Writes()
+    await write_together(b"f", burst(), _frame, writes)
+    assert b"".join(writes.calls) == _frame(b"f") + _frame(event) * 200
+    assert len(writes.calls) > 1
+    assert all(len(c) < WRITE_TOGETHER + len(_frame(event)) for c in writes.calls)
+
+
+async def test_what_came_before_a_failure_is_written_then_the_failure_raised() -> None:
+    async def broken() -> AsyncGenerator[bytes, None]:
+        yield b"a"
+        raise UpstreamError("broke")
+
+    writes = Writes()
+    with pytest.raises(UpstreamError):
+        await write_together(b"f", broken(), _frame, writes)
+    assert writes.calls == [b"<f><a>"]
+
+
+async def test_a_client_gone_while_the_source_waits_unwinds_the_source() -> None:
+    closed = asyncio.Event()
+
+    async def waiting() -> AsyncGenerator[bytes, None]:
+        try:
+            yield b"a"
+            await asyncio.sleep(0.01)
+            yield b"b"
+        finally:
+            closed.set()
+
+    events = waiting()
+    with pytest.raises(ConnectionResetError):
+        await write_together(b"f", events, _frame, Writes(fail_at=0))
+    assert closed.is_set()
+    await events.aclose()  # closing it afterwards, as the answer does, is fine
+
+
+async def test_a_cancel_while_the_source_waits_reaches_the_source() -> None:
+    heard: list[str] = []
+
+    async def slow() -> AsyncGenerator[bytes, None]:
+        try:
+            yield b"a"
+            await asyncio.sleep(30)
+            yield b"b"
+        except asyncio.CancelledError:
+            heard.append("cancelled")
+            raise
+
+    events = slow()
+    writes = Writes()
+    task = asyncio.create_task(write_together(b"f", events, _frame, writes))
+    while not writes.calls:
+        await asyncio.sleep(0.001)
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert heard == ["cancelled"]
+    assert writes.calls == [b"<f><a>"]
+    await events.aclose()
