@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -23,6 +24,7 @@ from sidecar.protocol.requests import ChatCompletionRequest, decode_body, valida
 from sidecar.security.jwt import Principal
 
 routes = web.RouteTableDef()
+log = logging.getLogger("sidecar")
 
 
 @routes.get("/v1/chat/completions/ws")
@@ -127,6 +129,15 @@ class ChatSocket:
             raise
         except ConnectionError:
             status = 499  # the client left; the socket's loop ends on its own
+        except Exception:
+            # A fault of ours ends the turn with an error message, as the edge middleware
+            # answers an HTTP request with a 500; unanswered, the client would wait forever.
+            log.exception("unhandled error",
+                          extra={"fields": {"request_id": context.request_id}})
+            failure = SidecarError("The sidecar failed to handle this request (request id "
+                                   f"{context.request_id}).")
+            status = failure.status
+            await self._error(failure)
         finally:
             observed(self._request, context, status, failure)
 

@@ -36,6 +36,7 @@ def next_token(logits: torch.Tensor, params: Params, counts: torch.Tensor | None
         cumulative = torch.softmax(ordered, dim=-1).cumsum(dim=-1)
         # Keep the smallest set whose mass reaches top_p (always at least the best token).
         drop = cumulative - torch.softmax(ordered, dim=-1) >= params.top_p
+        drop[0] = False  # at top_p 0 the test above holds for the best token too
         ordered = ordered.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(0, index, ordered)
     probs = torch.softmax(logits, dim=-1)

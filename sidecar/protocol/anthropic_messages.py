@@ -37,9 +37,13 @@ def request_from_anthropic(payload: dict[str, Any]) -> ChatRequest:
     metadata = payload.get("metadata")
     user = metadata.get("user_id") if isinstance(metadata, dict) else None
     top_k = payload.get("top_k")
+    # Validated on /v1/messages; /v1/messages/count_tokens does not declare it, so there a
+    # value that is not a count reads as none, as a top_k does.
+    limit = payload.get("max_tokens")
     request = ChatRequest(
         model=str(payload["model"]),
-        max_tokens=int(payload["max_tokens"]) if payload.get("max_tokens") else None,
+        max_tokens=limit if isinstance(limit, int) and not isinstance(limit, bool)
+        and 0 < limit <= MAX_COUNT else None,
         temperature=_number(payload.get("temperature")),
         top_p=_number(payload.get("top_p")),
         top_k=top_k if isinstance(top_k, int) and not isinstance(top_k, bool) else None,
@@ -94,8 +98,12 @@ def _turn(message: dict[str, Any], i: int) -> list[ChatMessage]:
         kind = block.get("type")
         where = f"messages[{i}].content[{j}]"
         if kind == "text":
-            texts.append(block["text"])
-            parts.append(block["text"])
+            text = block.get("text")
+            if not isinstance(text, str):
+                raise InvalidRequest(f"Invalid value for `{where}.text`: expected a string.",
+                                     param=f"{where}.text")
+            texts.append(text)
+            parts.append(text)
         elif kind == "image" and role == "user":
             parts.append(ImagePart(_image_url(block.get("source"), where)))
         elif kind == "tool_use" and role == "assistant":

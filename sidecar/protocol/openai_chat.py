@@ -32,6 +32,13 @@ def request_from_openai(payload: dict[str, Any]) -> ChatRequest:
     stop = payload.get("stop")
     options = payload.get("stream_options")
     top_k = payload.get("top_k")
+    # Not in the validated schema (a body passed through carries them as they are): read
+    # here, so checked here.
+    tools = _list_or_none(payload.get("tools"), "tools")
+    choice = payload.get("tool_choice")
+    if choice is not None and not isinstance(choice, str | dict):
+        raise InvalidRequest("Invalid value for `tool_choice`: expected a string or an object.",
+                             param="tool_choice")
     request = ChatRequest(
         model=str(payload["model"]),
         messages=[_message(m, i) for i, m in enumerate(payload.get("messages") or ())],
@@ -46,10 +53,10 @@ def request_from_openai(payload: dict[str, Any]) -> ChatRequest:
         stream=bool(payload.get("stream")),
         include_usage=isinstance(options, dict) and bool(options.get("include_usage")),
         user=payload.get("user"),
-        tool_choice=payload.get("tool_choice"),
+        tool_choice=choice,
         parallel_tool_calls=_flag(payload.get("parallel_tool_calls")),
     )
-    for tool in payload.get("tools") or ():
+    for tool in tools:
         function = tool.get("function") if isinstance(tool, dict) else None
         if not isinstance(function, dict) or not isinstance(function.get("name"), str):
             raise InvalidRequest("Invalid value for `tools`: each tool needs a function name.",
@@ -103,7 +110,7 @@ def _message(raw: dict[str, Any], i: int) -> ChatMessage:
                           content if isinstance(content, str) else "")
     if any(isinstance(p, ImagePart) for p in parts):
         message.parts = parts
-    for call in raw.get("tool_calls") or ():
+    for call in _list_or_none(raw.get("tool_calls"), f"messages[{i}].tool_calls"):
         function = call.get("function") if isinstance(call, dict) else None
         if isinstance(function, dict):
             message.tool_calls.append({"id": str(call.get("id", "")),
@@ -129,6 +136,15 @@ def _message_out(message: ChatMessage) -> dict[str, Any]:
     if message.tool_call_id is not None:
         out["tool_call_id"] = message.tool_call_id
     return out
+
+
+def _list_or_none(value: object, name: str) -> list[Any]:
+    """A list field as a list (absent: empty), or its refusal naming it."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise InvalidRequest(f"Invalid value for `{name}`: expected a list.", param=name)
+    return value
 
 
 def _flag(value: object) -> bool | None:

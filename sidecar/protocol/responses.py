@@ -72,7 +72,10 @@ def request_from_responses(payload: dict[str, Any]) -> ChatRequest:
     request.top_p = _float(payload.get("top_p"), "top_p")
     request.stream = payload.get("stream") is True
     request.include_usage = request.stream
-    request.tools = [_tool(t, i) for i, t in enumerate(payload.get("tools") or [])]
+    tools = payload.get("tools")
+    if tools is not None and not isinstance(tools, list):
+        raise InvalidRequest("`tools` must be a list of tools.", param="tools")
+    request.tools = [_tool(t, i) for i, t in enumerate(tools or ())]
     request.tool_choice = _tool_choice(payload.get("tool_choice"))
     if isinstance(payload.get("parallel_tool_calls"), bool):
         request.parallel_tool_calls = payload["parallel_tool_calls"]

@@ -1,7 +1,8 @@
 """The Anthropic front door's known traps and refusals, through the sidecar as a real process:
 an OpenAI stream's parallel tool calls and a chunk with both text and a finish reason become
 the right Messages events, streams translated at once never mix, and what the door refuses it
-refuses in Anthropic's shape, naming the field."""
+refuses in Anthropic's shape, naming the field; a malformed field that only a translation reads
+is a 400 in the shape of whichever door it came through."""
 
 from __future__ import annotations
 
@@ -122,7 +123,8 @@ def refusal(door: Sidecar, body: dict[str, Any], status: int = 400) -> dict[str,
     assert reply.status_code == status, reply.text
     found: dict[str, Any] = reply.json()
     assert found["type"] == "error"
-    return found["error"]
+    error: dict[str, Any] = found["error"]
+    return error
 
 
 def test_a_tool_name_over_64_characters_is_refused_naming_it(door: Sidecar) -> None:
@@ -192,3 +194,46 @@ def test_a_malformed_openai_chunk_never_breaks_the_messages_stream(door: Sidecar
     text = "".join(data["delta"].get("text", "") for name, data in events
                    if name == "content_block_delta")
     assert text == "Hi"
+
+
+# Bodies a hostile client sends, on a door whose target speaks another protocol: each was a
+# 500 from the translation (KeyError, TypeError, AttributeError), and is the door's 400.
+TOOL: Any = {"type": "function", "function": {"name": "f", "parameters": {}}}
+
+
+@pytest.mark.parametrize(("path", "body", "param"), [
+    ("/v1/messages", {"model": "gpt-test", "max_tokens": 8, "messages": [
+        {"role": "user", "content": [{"type": "text"}]}]}, "messages[0].content[0].text"),
+    ("/v1/messages/count_tokens", {"model": "gpt-test", "messages": [
+        {"role": "user", "content": [{"type": "text", "text": 7}]}]},
+     "messages[0].content[0].text"),
+    ("/v1/chat/completions", {"model": "claude", "messages": said("hi"), "tools": [TOOL],
+                              "tool_choice": 1}, "tool_choice"),
+    ("/v1/chat/completions", {"model": "claude", "messages": said("hi"), "tools": 1},
+     "tools"),
+    ("/v1/chat/completions", {"model": "claude", "messages": [
+        {"role": "assistant", "content": "x", "tool_calls": 1.5}]}, "messages[0].tool_calls"),
+    ("/v1/responses", {"model": "claude", "input": "hi", "tools": 1}, "tools"),
+    ("/v1/responses", {"model": "gpt-test", "input": "hi", "tools": True}, "tools"),
+])
+def test_a_malformed_field_read_by_a_translation_is_a_400_in_the_doors_shape(
+        door: Sidecar, path: str, body: dict[str, Any], param: str) -> None:
+    reply = httpx.post(door.url + path, timeout=10, json=body)
+    assert reply.status_code == 400, reply.text
+    found = reply.json()
+    if path.startswith("/v1/messages"):
+        assert found["type"] == "error"
+        assert found["error"]["type"] == "invalid_request_error"
+        assert f"`{param}`" in found["error"]["message"]
+    else:
+        assert found["error"]["type"] == "invalid_request_error"
+        assert found["error"]["param"] == param
+    assert "unhandled error" not in door.logs()
+
+
+def test_a_count_reads_a_max_tokens_that_is_not_a_count_as_none(door: Sidecar) -> None:
+    # count_tokens does not declare max_tokens: a string there was a 500 on an OpenAI target.
+    reply = httpx.post(door.url + "/v1/messages/count_tokens", timeout=10, json={
+        "model": "gpt-test", "max_tokens": "many", "messages": said("hi")})
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["input_tokens"] > 0

@@ -9,6 +9,7 @@ import asyncio
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import openai
@@ -16,7 +17,9 @@ import orjson
 import pytest
 from aiohttp import WSMsgType
 
+from sidecar.api import chat_socket
 from sidecar.appkeys import SOCKETS
+from sidecar.protocol import requests
 from tests.support.auth_helpers import jwt_config, make_issuer
 from tests.support.in_process import no_blocking
 from tests.support.sidecar import base_config, start_sidecar
@@ -84,6 +87,31 @@ async def test_errors_come_as_error_messages_in_the_openai_shape_and_the_socket_
     assert odd[0]["error"]["param"] == "type"
     assert fine[-1]["type"] == "done"
     assert text_of(fine[:-1]) == "Hello from mock: still here"
+
+
+async def test_a_fault_of_ours_is_an_error_message_and_the_socket_stays(
+        upstream: MockUpstream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A turn that raised anything but the sidecar's own errors (a translation's TypeError on a
+    # hostile body, once) got no answer at all: the client waited forever.
+    app = make_app(upstream, tmp_path, monkeypatch)
+    faults = [TypeError("'int' object is not iterable")]
+
+    def validate(payload: Any, schema: Any) -> Any:
+        if faults:
+            raise faults.pop()
+        return requests.validate(payload, schema)
+
+    monkeypatch.setattr(chat_socket, "validate", validate)
+    async with opened(app) as (url, session), session.ws_connect(url + PATH) as socket:
+        await socket.send_json(chat("first"))
+        failed = await until_done(socket)
+        await socket.send_json(chat("second"))
+        fine = await until_done(socket)
+    assert failed == [{"type": "error", "error": {
+        "message": failed[0]["error"]["message"], "type": "server_error", "param": None,
+        "code": None}}]
+    assert "failed to handle" in failed[0]["error"]["message"]
+    assert fine[-1]["type"] == "done"
 
 
 async def test_one_response_in_flight_and_cancel_aborts_the_upstream_request(

@@ -114,6 +114,18 @@ def test_sampling_follows_openai_meanings() -> None:
     assert draws[0] == draws[1] == draws[2]
 
 
+def test_a_top_p_of_zero_keeps_the_best_token() -> None:
+    # The schema takes 0..1; at 0 every token was cut, the best one too, and sampling from
+    # nothing raised in the worker: a 500 (engine_failure) for a request OpenAI accepts.
+    torch = pytest.importorskip("torch")
+    from sidecar.engines.sampling import next_token
+
+    logits = torch.tensor([1.0, 3.0, 2.9, -1.0])
+    gen = torch.Generator().manual_seed(0)
+    params = Params(max_tokens=1, temperature=1.0, top_p=0.0)
+    assert {next_token(logits, params, None, gen) for _ in range(20)} == {1}
+
+
 def local_settings(body: str) -> str:
     return f"""
 [providers.local]

@@ -98,6 +98,26 @@ def test_content_a_target_of_another_protocol_cannot_read_is_refused_naming_it()
     assert caught.value.param == "messages[0].content[0]"
 
 
+@pytest.mark.parametrize("block", [{"type": "text"}, {"type": "text", "text": 7},
+                                   {"type": "text", "text": None},
+                                   {"type": "text", "text": ["a"]}])
+def test_a_text_block_without_a_string_text_is_refused_naming_it(block: Any) -> None:
+    # It was a KeyError or a TypeError from the join: a 500 to a hostile client.
+    with pytest.raises(InvalidRequest) as caught:
+        request_from_anthropic({"model": "m", "max_tokens": 1, "messages": [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": [{"type": "text", "text": "ok"}, block]}]})
+    assert caught.value.param == "messages[1].content[1].text"
+
+
+@pytest.mark.parametrize("limit", ["many", [1], {"a": 1}, 1e308, True, 0, -5])
+def test_a_count_request_reads_a_max_tokens_that_is_not_a_count_as_none(limit: Any) -> None:
+    # count_tokens does not declare max_tokens, so it reaches the translation unchecked.
+    request = request_from_anthropic({"model": "m", "max_tokens": limit,
+                                      "messages": [{"role": "user", "content": "hi"}]})
+    assert request.max_tokens is None
+
+
 def test_a_whole_answer_keeps_text_and_tool_calls_in_order_with_the_usage() -> None:
     body = orjson.loads(message_json(HEAD, [
         TextDelta("Let "), TextDelta("me."), ToolCallDelta(0, "c0", "f", '{"a":'),

@@ -84,6 +84,24 @@ def test_a_part_that_is_neither_text_nor_image_is_refused_naming_its_place() -> 
             {"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]})
 
 
+@pytest.mark.parametrize(("field", "param"), [
+    ({"tools": 1}, "tools"), ({"tools": True}, "tools"), ({"tools": {"a": 1}}, "tools"),
+    ({"tool_choice": 1}, "tool_choice"), ({"tool_choice": ["auto"]}, "tool_choice"),
+    ({"tool_choice": False}, "tool_choice"),
+    ({"messages": [{"role": "assistant", "tool_calls": 1.5}]}, "messages[0].tool_calls"),
+    ({"messages": [{"role": "assistant", "tool_calls": {"id": "c"}}]},
+     "messages[0].tool_calls"),
+])
+def test_tools_tool_choice_or_tool_calls_of_the_wrong_type_are_refused_naming_them(
+        field: dict[str, Any], param: str) -> None:
+    # These fields are not in the validated schema: a number here was a TypeError (or an
+    # AttributeError once written for Anthropic), a 500 to the client.
+    with pytest.raises(InvalidRequest) as caught:
+        request_from_openai({"model": "m", "messages": [{"role": "user", "content": "x"}],
+                             **field})
+    assert caught.value.param == param
+
+
 def test_parallel_tool_calls_survive_a_round_trip() -> None:
     body = {"model": "m", "messages": [], "parallel_tool_calls": False}
     assert request_from_openai(body).parallel_tool_calls is False
