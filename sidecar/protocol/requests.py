@@ -23,6 +23,9 @@ from sidecar.errors import ForbiddenField, InvalidRequest
 NonNegative = Annotated[float, Meta(ge=0)]
 Probability = Annotated[float, Meta(ge=0, le=1)]
 PositiveInt = Annotated[int, Meta(ge=1)]
+# OpenAI's own bound on `n`: past it a request asks an upstream (and the token budget's
+# estimate) for more answers than any provider gives.
+Choices = Annotated[int, Meta(ge=1, le=128)]
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 Stop = str | list[str] | None
 
@@ -47,7 +50,7 @@ class Sampling(Struct, kw_only=True):
     max_tokens: PositiveInt | None = None
     temperature: NonNegative | None = None
     top_p: Probability | None = None
-    n: PositiveInt | None = None
+    n: Choices | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     seed: int | None = None

@@ -107,6 +107,8 @@ class TestRangesForEveryProvider:
             ({"top_p": 1.5}, "top_p"),
             ({"top_p": -0.1}, "top_p"),
             ({"n": 0}, "n"),
+            ({"n": 129}, "n"),
+            ({"n": 2**63}, "n"),
             ({"max_tokens": 0}, "max_tokens"),
             ({"max_completion_tokens": 0}, "max_completion_tokens"),
         ],
