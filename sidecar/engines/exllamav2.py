@@ -157,8 +157,9 @@ def sampler_settings(settings: Any, params: Params) -> Any:
         settings.top_p = 0.0
     else:
         settings.temperature = params.temperature
-        settings.top_k = params.top_k  # 0: off
-        settings.top_p = params.top_p if params.top_p < 1.0 else 0.0  # 0: off
+        # top_p 0 keeps only the best token (as on the CPU engine); the library reads 0 as off.
+        settings.top_k = 1 if params.top_p == 0 else params.top_k  # 0: off
+        settings.top_p = params.top_p if 0 < params.top_p < 1.0 else 0.0  # 0: off
     return settings
 
 

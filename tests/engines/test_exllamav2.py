@@ -71,6 +71,8 @@ def test_openai_parameters_replace_the_library_defaults() -> None:
     assert (plain.temperature, plain.top_p, plain.top_k) == (1.0, 0.0, 0)  # nothing cut
     greedy = sampler_settings(Settings(), Params(max_tokens=1, temperature=0))
     assert (greedy.top_k, greedy.token_repetition_penalty) == (1, 1.0)
+    narrowest = sampler_settings(Settings(), Params(max_tokens=1, temperature=0.7, top_p=0))
+    assert (narrowest.top_k, narrowest.top_p) == (1, 0.0)  # the best token, not "off"
 
 
 async def test_a_job_runs_on_the_worker_thread_and_ends_with_length(
