@@ -34,7 +34,7 @@ def request_from_openai(payload: dict[str, Any]) -> ChatRequest:
     top_k = payload.get("top_k")
     # Not in the validated schema (a body passed through carries them as they are): read
     # here, so checked here.
-    tools = _list_or_none(payload.get("tools"), "tools")
+    tools = _list_field(payload.get("tools"), "tools")
     choice = payload.get("tool_choice")
     if choice is not None and not isinstance(choice, str | dict):
         raise InvalidRequest("Invalid value for `tool_choice`: expected a string or an object.",
@@ -110,7 +110,7 @@ def _message(raw: dict[str, Any], i: int) -> ChatMessage:
                           content if isinstance(content, str) else "")
     if any(isinstance(p, ImagePart) for p in parts):
         message.parts = parts
-    for call in _list_or_none(raw.get("tool_calls"), f"messages[{i}].tool_calls"):
+    for call in _list_field(raw.get("tool_calls"), f"messages[{i}].tool_calls"):
         function = call.get("function") if isinstance(call, dict) else None
         if isinstance(function, dict):
             message.tool_calls.append({"id": str(call.get("id", "")),
@@ -138,7 +138,7 @@ def _message_out(message: ChatMessage) -> dict[str, Any]:
     return out
 
 
-def _list_or_none(value: object, name: str) -> list[Any]:
+def _list_field(value: object, name: str) -> list[Any]:
     """A list field as a list (absent: empty), or its refusal naming it."""
     if value is None:
         return []
