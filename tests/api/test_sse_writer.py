@@ -14,6 +14,7 @@ from aiohttp import web
 from sidecar.api.openai_writer import OPENAI_SSE
 from sidecar.api.sse_writer import WRITE_TOGETHER, write_sse, write_together
 from sidecar.appkeys import CONTEXT
+from sidecar.engines.job import Delta, Job, Params
 from sidecar.errors import UpstreamError
 from sidecar.exchange import Answer
 from sidecar.observability.timing import RequestContext
@@ -159,3 +160,35 @@ async def test_a_cancel_while_the_source_waits_reaches_the_source() -> None:
     assert heard == ["cancelled"]
     assert writes.calls == [b"<f><a>"]
     await events.aclose()
+
+
+async def test_a_heartbeat_due_while_held_events_are_written_does_not_cancel_the_stream() -> None:
+    # The local engine's deltas wait under asyncio.timeout(heartbeat_s), which cancels the
+    # task when it expires. Held events are written while that wait is armed: a client slow
+    # to read (a write waiting for the socket longer than a heartbeat) must not turn the
+    # heartbeat into a cancellation of the write, and so of the whole stream.
+    job = Job([1], Params(max_tokens=2))
+    job.put(Delta("a", 1))
+
+    async def deltas() -> AsyncGenerator[bytes, None]:
+        async for delta in job.deltas(0.05):
+            yield b"" if delta is None else delta.text.encode()
+
+    class SlowClient(Writes):
+        async def __call__(self, chunk: bytes) -> None:
+            self.calls.append(chunk)
+            if len(self.calls) == 1:
+                await asyncio.sleep(0.2)  # the socket's buffer is full for a while
+
+    async def finish() -> None:
+        await asyncio.sleep(0.3)
+        job.put(Delta("b", 2, "stop"))
+
+    writes = SlowClient()
+    finishing = asyncio.create_task(finish())
+    events = deltas()
+    await asyncio.wait_for(write_together(b"f", events, _frame, writes), 5)
+    await finishing
+    await events.aclose()
+    body = b"".join(writes.calls)
+    assert body.startswith(b"<f><a>") and body.endswith(b"<b>")
