@@ -237,3 +237,21 @@ def test_a_count_reads_a_max_tokens_that_is_not_a_count_as_none(door: Sidecar) -
         "model": "gpt-test", "max_tokens": "many", "messages": said("hi")})
     assert reply.status_code == 200, reply.text
     assert reply.json()["input_tokens"] > 0
+
+
+def test_tool_call_arguments_nested_past_what_the_encoder_writes_are_not_a_500(
+        door: Sidecar) -> None:
+    # The body's own depth is checked at the door, but arguments are a string: the
+    # translation parses them, and orjson reads 1,024 levels where it writes only 254. The
+    # Anthropic body built from them could not be written (TypeError: a 500).
+    deep = '{"a":' * 300 + "1" + "}" * 300
+    reply = httpx.post(door.url + "/v1/chat/completions", timeout=10, json={
+        "model": "claude", "messages": [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "call_1", "type": "function",
+                 "function": {"name": "f", "arguments": deep}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "ok"}],
+        "tools": [TOOL]})
+    assert reply.status_code != 500, reply.text
+    assert "unhandled error" not in door.logs()

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import orjson
 import pytest
 
-from sidecar.errors import InvalidRequest
+from sidecar.errors import InvalidRequest, UpstreamError
 from sidecar.protocol.anthropic import (
     StreamState,
     answer_events,
@@ -183,6 +184,31 @@ def test_a_count_that_is_negative_or_past_any_answer_reads_as_none() -> None:
                   "cache_read_input_tokens": 2**53 + 1, "cache_creation_input_tokens": 3,
                   }) == Usage(3, 0, 0)
     assert usage({"input_tokens": 2**53, "output_tokens": True}) == Usage(2**53, 0, 0)
+
+
+# A tool input as deep as orjson reads (1,024 levels), past what it writes (254): an
+# upstream's answer or stream event may hold one.
+DEEP_INPUT = b'{"a":' * 300 + b"1" + b"}" * 300
+
+
+def _deep_answer() -> list[Any]:
+    return answer_events(orjson.loads(
+        b'{"content":[{"type":"tool_use","id":"t","name":"get","input":' + DEEP_INPUT
+        + b'}],"stop_reason":"tool_use"}'))
+
+
+def _deep_stream_event() -> list[Any]:
+    return StreamState().feed(
+        b'{"type":"content_block_start","index":0,"content_block":'
+        b'{"type":"tool_use","id":"t","name":"get","input":' + DEEP_INPUT + b"}}")
+
+
+@pytest.mark.parametrize("read", [_deep_answer, _deep_stream_event])
+def test_a_tool_input_nested_past_what_the_encoder_writes_never_raises_a_type_error(
+        read: Any) -> None:
+    # Each was a TypeError (orjson's recursion limit): a 500, or a stream's server_error.
+    with contextlib.suppress(UpstreamError):  # refused as the upstream's fault: fine
+        read()
 
 
 def stream_with_two_tools(state: StreamState) -> list[Any]:

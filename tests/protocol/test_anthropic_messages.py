@@ -205,3 +205,15 @@ def test_a_kept_message_and_its_stream_events_spell_each_other() -> None:
         "msg_k", "tool_use", {"input_tokens": 3, "output_tokens": 2, "cache_read_input_tokens": 0})
     assert message_as_events(b'{"type": "error"}') is None
     assert events_as_message([b'{"type": "ping"}']) is None
+
+
+def test_tool_arguments_nested_past_what_the_encoder_writes_never_raise_a_type_error() -> None:
+    # An OpenAI upstream's arguments are parsed into the tool_use input: orjson reads 1,024
+    # levels and writes 254, so writing the answer raised TypeError (a 500).
+    deep = '{"a":' * 300 + "1" + "}" * 300
+    try:
+        body = orjson.loads(message_json(HEAD, [ToolCallDelta(0, "call_1", "get", deep),
+                                                Finish("tool_calls")]))
+    except UpstreamError:
+        return  # refused as the upstream's fault: fine
+    assert body["content"][0]["type"] == "tool_use"
