@@ -14,6 +14,7 @@ import orjson
 from sidecar.errors import InvalidRequest, UpstreamError
 from sidecar.protocol.chat import (
     MAX_COUNT,
+    MAX_NESTING,
     ChatMessage,
     ChatRequest,
     Event,
@@ -23,6 +24,7 @@ from sidecar.protocol.chat import (
     TextDelta,
     ToolCallDelta,
     Usage,
+    nests_within,
 )
 
 # Anthropic refuses longer tool names; refused here, naming the tool, instead.
@@ -130,9 +132,9 @@ def _assistant_blocks(message: ChatMessage, i: int) -> list[dict[str, Any]]:
             arguments = orjson.loads(call["arguments"] or "{}")
         except orjson.JSONDecodeError:
             arguments = None
-        if not isinstance(arguments, dict):
-            raise InvalidRequest(f"Invalid value for `{param}`: expected a JSON object.",
-                                 param=param)
+        if not isinstance(arguments, dict) or not nests_within(arguments):
+            raise InvalidRequest(f"Invalid value for `{param}`: expected a JSON object nested "
+                                 f"at most {MAX_NESTING} levels.", param=param)
         blocks.append({"type": "tool_use", "id": call["id"], "name": call["name"],
                        "input": arguments})
     return blocks
@@ -193,6 +195,15 @@ def usage(raw: object) -> Usage:
     return Usage(prompt, _count(raw.get("output_tokens")), read)
 
 
+def _tool_input(value: object) -> object:
+    """An upstream's tool input, to be written as arguments: refused past MAX_NESTING levels,
+    which no encoder is asked to write."""
+    if not nests_within(value):
+        raise UpstreamError(f"The upstream sent a tool input nested deeper than {MAX_NESTING} "
+                            "levels.")
+    return value or {}
+
+
 def _count(value: object) -> int:
     """What is not a count (a string, a negative number, one past any answer) reads as none."""
     return value if isinstance(value, int) and not isinstance(value, bool) \
@@ -212,7 +223,7 @@ def answer_events(answer: dict[str, Any]) -> list[Event]:
         elif kind == "tool_use":
             events.append(ToolCallDelta(tools, str(block.get("id", "")),
                                         str(block.get("name", "")),
-                                        orjson.dumps(block.get("input") or {}).decode()))
+                                        orjson.dumps(_tool_input(block.get("input"))).decode()))
             tools += 1
     events.append(Finish(stop_reason(answer.get("stop_reason"))))
     events.append(usage(answer.get("usage")))
@@ -286,7 +297,8 @@ class StreamState:
         self._tools += 1
         # The input comes as JSON deltas; a block without any keeps the one it started with.
         start = block.get("input")
-        self._input[index] = orjson.dumps(start) if isinstance(start, dict) else b"{}"
+        self._input[index] = orjson.dumps(_tool_input(start)) if isinstance(start, dict) \
+            else b"{}"
         return [ToolCallDelta(tool, str(block.get("id", "")), str(block.get("name", "")))]
 
     def _delta(self, event: dict[str, Any]) -> list[Event]:

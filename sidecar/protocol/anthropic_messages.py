@@ -22,6 +22,7 @@ from sidecar.protocol.chat import (
     TextDelta,
     ToolCallDelta,
     Usage,
+    nests_within,
 )
 
 # OpenAI's finish reason as Anthropic's stop reason.
@@ -217,7 +218,9 @@ def _tool_input(arguments: str) -> dict[str, Any]:
         value = orjson.loads(arguments or "{}")
     except orjson.JSONDecodeError:
         return {"arguments": arguments}
-    return value if isinstance(value, dict) else {"arguments": arguments}
+    # Nested past what a body may hold: kept whole, as a string, like any other slip.
+    return value if isinstance(value, dict) and nests_within(value) \
+        else {"arguments": arguments}
 
 
 class EventWriter:

@@ -13,6 +13,22 @@ from sidecar.errors import SidecarError
 # that long): a few such counts summed would not fit the 64 bits a JSON writer takes, and
 # JavaScript clients read numbers exactly only up to here.
 MAX_COUNT = 2**53
+# The deepest a JSON value held inside a string (a tool call's arguments) may nest once parsed
+# into a body we write: the same bound as a request body's, far under the 254 levels orjson
+# writes (it reads 1,024).
+MAX_NESTING = 64
+
+
+def nests_within(value: object, limit: int = MAX_NESTING) -> bool:
+    """True when the parsed JSON `value` nests no deeper than `limit` objects and arrays
+    (looked at level by level, so a deep value costs no recursion)."""
+    level = [value]
+    for _ in range(limit):  # after k rounds, `level` holds what sits below k containers
+        level = [inner for node in level if isinstance(node, dict | list)
+                 for inner in (node.values() if isinstance(node, dict) else node)]
+        if not level:
+            return True
+    return not any(isinstance(node, dict | list) for node in level)
 
 
 @dataclass(slots=True)
