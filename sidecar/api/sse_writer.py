@@ -9,11 +9,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Generator
+from collections.abc import AsyncGenerator, Callable, Coroutine, Generator
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http_writer import StreamWriter
 
 from sidecar.appkeys import CONTEXT
 from sidecar.errors import SHUTTING_DOWN, ShuttingDown, SidecarError, cancelled_for_shutdown
@@ -50,11 +52,11 @@ async def write_sse(request: web.Request, answer: Answer, dialect: SseDialect
         await response.prepare(request)
         try:
             if answer.first is not None:
-                frame, write = dialect.frame, response.write
                 if answer.events is None:
-                    await write(frame(answer.first))
+                    await response.write(dialect.frame(answer.first))
                 else:
-                    await write_together(answer.first, answer.events, frame, write)
+                    await write_together(answer.first, answer.events, dialect.frame,
+                                         SocketSink(request.writer))
             if dialect.end:
                 await response.write(dialect.end)
         except SidecarError as exc:
@@ -62,6 +64,8 @@ async def write_sse(request: web.Request, answer: Answer, dialect: SseDialect
             # the client knows the answer is incomplete.
             record.stream_error = exc.code or exc.type
             await response.write(dialect.error(exc))
+        except ConnectionResetError:
+            raise  # the client left: below, not a fault of ours
         except Exception:
             # A fault of ours mid-stream: the same error event, never a second response
             # written into the body of the first.
@@ -90,13 +94,49 @@ async def write_sse(request: web.Request, answer: Answer, dialect: SseDialect
         await answer.close()
 
 
+class Sink(Protocol):
+    """Where a stream's bytes go: at once, without waiting (`write_now`), and a wait for the
+    socket when it holds too much (`settle`)."""
+
+    def write_now(self, chunk: bytes) -> None: ...
+
+    async def settle(self) -> None: ...
+
+
+class SocketSink:
+    """The response's own writer (aiohttp's, after `prepare`): a write hands the bytes to the
+    transport at once, and the socket is waited for past WRITE_TOGETHER bytes, as aiohttp's
+    own `write` does."""
+
+    __slots__ = ("_writer",)
+
+    def __init__(self, writer: AbstractStreamWriter) -> None:
+        self._writer = cast(StreamWriter, writer)
+
+    def write_now(self, chunk: bytes) -> None:
+        writing = self._writer.write(chunk, drain=False)  # nothing in it waits
+        try:
+            writing.send(None)
+        except StopIteration:
+            return
+        writing.close()
+        raise RuntimeError("a write without drain waited")
+
+    async def settle(self) -> None:
+        writer = self._writer
+        if writer.buffer_size > WRITE_TOGETHER:
+            writer.buffer_size = 0
+            await writer.drain()
+
+
 async def write_together(first: bytes, events: AsyncGenerator[bytes, None],
-                         frame: Callable[[bytes], bytes],
-                         write: Callable[[bytes], Awaitable[None]]) -> None:
+                         frame: Callable[[bytes], bytes], sink: Sink) -> None:
     """Write `first` and the events after it, framed. Events the source gives without waiting
     (a burst read in one piece, a kept answer replayed) go out in one write, up to
-    WRITE_TOGETHER bytes; the source's first wait sends what is held, so no event waits for
-    the next one."""
+    WRITE_TOGETHER bytes; the moment the source has to wait, what it gave is written, so no
+    event waits for the next one. Nothing is awaited while the source's step is under way
+    but that step itself (its own timeouts act on this task): the writes made then do not
+    wait, and the socket is waited for between steps."""
     held = [frame(first)]
     size = len(held[0])
     while True:
@@ -107,21 +147,22 @@ async def write_together(first: bytes, events: AsyncGenerator[bytes, None],
             held.append(frame(ready.value))
             size += len(held[-1])
             if size >= WRITE_TOGETHER:
-                await write(b"".join(held))
+                sink.write_now(b"".join(held))
                 held, size = [], 0
+                await sink.settle()
             continue
         except StopAsyncIteration:
             break
         except BaseException:
             if held:  # what came before the failure is the client's
-                await write(b"".join(held))
+                sink.write_now(b"".join(held))
             raise
         # The source waits: what it gave so far goes out now, then its wait goes on.
         if held:
             try:
-                await write(b"".join(held))
+                sink.write_now(b"".join(held))
             except BaseException as exc:
-                _abandon(step, exc)
+                await _abandon(step, exc)
                 raise
             held, size = [], 0
         try:
@@ -130,8 +171,10 @@ async def write_together(first: bytes, events: AsyncGenerator[bytes, None],
             break
         held.append(frame(data))
         size = len(held[0])
+        await sink.settle()
     if held:
-        await write(b"".join(held))
+        sink.write_now(b"".join(held))
+        await sink.settle()
 
 
 # The most bytes of events held for one write: a burst goes out in pieces of about this size.
@@ -166,12 +209,13 @@ class _Resumed:
                     return cast(bytes, done.value)
 
 
-def _abandon(step: Coroutine[Any, Any, bytes], exc: BaseException) -> None:
-    """End a source's step left waiting, with the exception that ends the stream, so that
-    the source unwinds (and closes what it holds) before its generator is closed."""
+async def _abandon(step: Coroutine[Any, Any, bytes], exc: BaseException) -> None:
+    """End a source's step left waiting, with the exception that ends the stream: the source
+    unwinds (closing what it holds, awaiting what its cleanup awaits) before its generator
+    is closed."""
     try:
-        step.throw(exc)
+        waits_on = step.throw(exc)
     except BaseException:  # noqa: BLE001 - the stream already ends with `exc`
         return
-    step.close()  # it went on waiting: it is not resumed again
-
+    with contextlib.suppress(BaseException):
+        await _Resumed(step, waits_on)

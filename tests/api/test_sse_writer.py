@@ -54,15 +54,21 @@ def _frame(data: bytes) -> bytes:
 
 
 class Writes:
-    def __init__(self, fail_at: int | None = None) -> None:
+    """A sink that keeps what is written; `fail_at`: the write that finds the client gone;
+    `slow_s`: how long the socket is full after the first write."""
+
+    def __init__(self, fail_at: int | None = None, slow_s: float = 0.0) -> None:
         self.calls: list[bytes] = []
         self.fail_at = fail_at
+        self.slow_s = slow_s
 
-    async def __call__(self, chunk: bytes) -> None:
+    def write_now(self, chunk: bytes) -> None:
         if self.fail_at is not None and len(self.calls) == self.fail_at:
             raise ConnectionResetError("client gone")
         self.calls.append(chunk)
-        await asyncio.sleep(0)  # a write may wait for the socket
+
+    async def settle(self) -> None:
+        await asyncio.sleep(self.slow_s if len(self.calls) == 1 else 0)
 
 
 async def test_events_given_without_a_wait_go_out_in_one_write() -> None:
@@ -174,17 +180,11 @@ async def test_a_heartbeat_due_while_held_events_are_written_does_not_cancel_the
         async for delta in job.deltas(0.05):
             yield b"" if delta is None else delta.text.encode()
 
-    class SlowClient(Writes):
-        async def __call__(self, chunk: bytes) -> None:
-            self.calls.append(chunk)
-            if len(self.calls) == 1:
-                await asyncio.sleep(0.2)  # the socket's buffer is full for a while
-
     async def finish() -> None:
         await asyncio.sleep(0.3)
         job.put(Delta("b", 2, "stop"))
 
-    writes = SlowClient()
+    writes = Writes(slow_s=0.2)  # the socket's buffer is full for a while
     finishing = asyncio.create_task(finish())
     events = deltas()
     await asyncio.wait_for(write_together(b"f", events, _frame, writes), 5)
@@ -192,3 +192,44 @@ async def test_a_heartbeat_due_while_held_events_are_written_does_not_cancel_the
     await events.aclose()
     body = b"".join(writes.calls)
     assert body.startswith(b"<f><a>") and body.endswith(b"<b>")
+
+
+async def test_a_source_whose_cleanup_waits_is_closed_whole_when_the_client_is_gone() -> None:
+    cleaned: list[str] = []
+
+    async def tidy() -> AsyncGenerator[bytes, None]:
+        try:
+            yield b"a"
+            await asyncio.sleep(0.01)
+            yield b"b"
+        finally:
+            await asyncio.sleep(0)  # a cleanup that awaits (closing a connection, say)
+            cleaned.append("done")
+
+    events = tidy()
+    with pytest.raises(ConnectionResetError):
+        await write_together(b"f", events, _frame, Writes(fail_at=0))
+    assert cleaned == ["done"]
+    await events.aclose()  # not "asynchronous generator is already running"
+
+
+async def test_a_client_found_gone_mid_stream_is_not_logged_as_a_fault(
+        caplog: pytest.LogCaptureFixture) -> None:
+    contexts: list[RequestContext] = []
+
+    async def reset() -> AsyncGenerator[bytes, None]:
+        yield b'{"n":2}'
+        raise ConnectionResetError("Cannot write to closing transport")
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        context = request[CONTEXT] = RequestContext("req_2", ANONYMOUS)
+        contexts.append(context)
+        return await write_sse(request, Answer(b"", reset(), b'{"n":1}'), OPENAI_SSE)
+
+    app = web.Application()
+    app.router.add_get("/", handler)
+    async with serving(app) as url, aiohttp.ClientSession() as session, \
+            session.get(url) as reply:
+        await reply.read()
+    assert contexts[0].record.stream_error == "client_gone"
+    assert "stream failed" not in caplog.text
