@@ -160,12 +160,16 @@ class ChatSocket:
         try:
             async for data in chunks_of(answer):
                 if b'"usage"' in data:
-                    chunk = orjson.loads(data)
-                    if chunk.get("usage"):
+                    try:
+                        chunk = orjson.loads(data)
+                    except orjson.JSONDecodeError:
+                        chunk = None  # passed on as it came, as over SSE
+                    if isinstance(chunk, dict) and chunk.get("usage"):
                         usage = chunk["usage"]
                         if not chunk.get("choices") and not asked_usage:
                             continue  # the usage chunk the client did not ask for
-                await send(data.decode())
+                # An upstream's bytes that are not UTF-8 cannot be a text message as they are.
+                await send(data.decode("utf-8", "replace"))
         finally:
             await answer.close()
         await self._send({"type": "done", "usage": usage})

@@ -98,7 +98,13 @@ def make_middleware(access_log: AccessLog, guard: Guard, metrics: Metrics | None
         except Exception:
             log.exception("unhandled error", extra={"fields": {"request_id": rid}})
             if request.writer is not None and request.writer.output_size > 0:
-                # A response is under way: another written after it would corrupt it.
+                # A response is under way: another written after it would corrupt it. The
+                # request still has its line and its count.
+                now = perf_counter()
+                _log(access_log, request, context, 500, "failed after its response began",
+                     now)
+                if metrics is not None:
+                    metrics.observe(request.path, context, 500, None, now)
                 raise
             response = _error_response(request, SidecarError(
                 f"The sidecar failed to handle this request (request id {rid})."))

@@ -22,6 +22,7 @@ from sidecar.appkeys import SOCKETS
 from sidecar.protocol import requests
 from tests.support.auth_helpers import jwt_config, make_issuer
 from tests.support.in_process import no_blocking
+from tests.support.scripted_upstream import ScriptedUpstream, chat_chunk
 from tests.support.sidecar import base_config, start_sidecar
 from tests.support.upstream_mock import MockUpstream
 from tests.support.websockets import PATH, chat, make_app, opened, text_of, until_done
@@ -288,3 +289,27 @@ def rss_bytes(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     raise AssertionError("no VmRSS")
+
+
+async def test_an_upstream_event_with_usage_that_is_not_an_object_passes_as_over_sse(
+        upstream: MockUpstream, scripted: ScriptedUpstream, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    app = make_app(upstream, tmp_path, monkeypatch, extra=f"""
+[providers.scripted]
+kind = "openai"
+base_url = "{scripted.base_url}"
+
+[models."scripted"]
+targets = [ {{ provider = "scripted", model = "scripted" }} ]
+""")
+    script = ['{"usage": 5, "note": "usage" ', '["usage"]', chat_chunk("ok", finish="stop")]
+    async with opened(app) as (url, session), session.ws_connect(url + PATH) as socket:
+        await socket.send_json({**chat("hi"), "model": "scripted", "script": script})
+        messages: list[Any] = []
+        while True:
+            message = await asyncio.wait_for(socket.receive(), 5)
+            messages.append(message.data)
+            if '"type":"done"' in message.data or '"type":"error"' in message.data:
+                break
+    assert '"type":"done"' in messages[-1]
+    assert messages[0] == '{"usage": 5, "note": "usage" ' and messages[1] == '["usage"]'
