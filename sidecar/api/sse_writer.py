@@ -95,10 +95,10 @@ async def write_sse(request: web.Request, answer: Answer, dialect: SseDialect
 
 
 class Sink(Protocol):
-    """Where a stream's bytes go: at once, without waiting (`write_now`), and a wait for the
-    socket when it holds too much (`settle`)."""
+    """Where a stream's bytes go: at once, without waiting (`write_now`, True when the socket
+    now holds too much), and the wait for the socket that is then due (`settle`)."""
 
-    def write_now(self, chunk: bytes) -> None: ...
+    def write_now(self, chunk: bytes) -> bool: ...
 
     async def settle(self) -> None: ...
 
@@ -113,20 +113,18 @@ class SocketSink:
     def __init__(self, writer: AbstractStreamWriter) -> None:
         self._writer = cast(StreamWriter, writer)
 
-    def write_now(self, chunk: bytes) -> None:
+    def write_now(self, chunk: bytes) -> bool:
         writing = self._writer.write(chunk, drain=False)  # nothing in it waits
         try:
             writing.send(None)
         except StopIteration:
-            return
+            return self._writer.buffer_size > WRITE_TOGETHER
         writing.close()
         raise RuntimeError("a write without drain waited")
 
     async def settle(self) -> None:
-        writer = self._writer
-        if writer.buffer_size > WRITE_TOGETHER:
-            writer.buffer_size = 0
-            await writer.drain()
+        self._writer.buffer_size = 0
+        await self._writer.drain()
 
 
 async def write_together(first: bytes, events: AsyncGenerator[bytes, None],
@@ -147,9 +145,10 @@ async def write_together(first: bytes, events: AsyncGenerator[bytes, None],
             held.append(frame(ready.value))
             size += len(held[-1])
             if size >= WRITE_TOGETHER:
-                sink.write_now(b"".join(held))
+                full = sink.write_now(b"".join(held))
                 held, size = [], 0
-                await sink.settle()
+                if full:
+                    await sink.settle()
             continue
         except StopAsyncIteration:
             break
@@ -158,9 +157,10 @@ async def write_together(first: bytes, events: AsyncGenerator[bytes, None],
                 sink.write_now(b"".join(held))
             raise
         # The source waits: what it gave so far goes out now, then its wait goes on.
+        full = False
         if held:
             try:
-                sink.write_now(b"".join(held))
+                full = sink.write_now(b"".join(held))
             except BaseException as exc:
                 await _abandon(step, exc)
                 raise
@@ -171,9 +171,9 @@ async def write_together(first: bytes, events: AsyncGenerator[bytes, None],
             break
         held.append(frame(data))
         size = len(held[0])
-        await sink.settle()
-    if held:
-        sink.write_now(b"".join(held))
+        if full:
+            await sink.settle()
+    if held and sink.write_now(b"".join(held)):
         await sink.settle()
 
 

@@ -62,10 +62,11 @@ class Writes:
         self.fail_at = fail_at
         self.slow_s = slow_s
 
-    def write_now(self, chunk: bytes) -> None:
+    def write_now(self, chunk: bytes) -> bool:
         if self.fail_at is not None and len(self.calls) == self.fail_at:
             raise ConnectionResetError("client gone")
         self.calls.append(chunk)
+        return True  # a wait for the socket after every write
 
     async def settle(self) -> None:
         await asyncio.sleep(self.slow_s if len(self.calls) == 1 else 0)
