@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import logging
 import shutil
 import ssl
 import stat
+import warnings
 from pathlib import Path
 
 import orjson
@@ -91,7 +93,7 @@ def test_the_issuer_keys_and_jwks_carry_the_kid(tmp_path: Path) -> None:
 
 def settings(material: Path, client_ca: bool = False) -> ServerSettings:
     return ServerSettings(tls_cert=str(material / "cert.pem"), tls_key=str(material / "key.pem"),
-                          tls_client_ca=str(material / "ca.pem") if client_ca else None)
+                          tls_client_ca=str(material / "ca.pem") if client_ca else "")
 
 
 def handshake(server: ssl.SSLContext, client: ssl.SSLContext) -> ssl.SSLObject:
@@ -177,3 +179,41 @@ def test_a_reload_serves_the_new_certificate_and_a_bad_pair_keeps_the_old(
     assert reload_certificate(server, current) is False
     third = handshake(server, client_context(live)).getpeercert()
     assert third is not None and third["serialNumber"] == second["serialNumber"]
+
+
+def test_the_server_context_is_a_servers_with_pythons_defaults_and_no_renegotiation(
+        material: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no deprecated way of making a context
+        context = server_context(settings(material))
+    assert context.protocol is ssl.PROTOCOL_TLS_SERVER
+    defaults = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).options
+    assert context.options & defaults == defaults
+    assert context.options & ssl.OP_NO_RENEGOTIATION
+
+
+def test_a_reload_with_a_client_ca_loads_it_again_and_logs_the_certificate(
+        material: Path, caplog: pytest.LogCaptureFixture) -> None:
+    current = settings(material, client_ca=True)
+    server = server_context(current)
+    with caplog.at_level(logging.INFO, logger="sidecar.tls"), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert reload_certificate(server, current) is True
+    (record,) = caplog.records
+    assert record.getMessage() == "certificate reloaded"
+    assert record.__dict__["fields"] == {"cert": str(material / "cert.pem")}
+    with_cert = client_context(material)
+    with_cert.load_cert_chain(str(material / "client.pem"), str(material / "client-key.pem"))
+    assert handshake(server, with_cert).version() is not None
+
+
+def test_a_failed_reload_logs_why(material: Path, tmp_path: Path,
+                                  caplog: pytest.LogCaptureFixture) -> None:
+    current = settings(material)
+    server = server_context(current)
+    gone = ServerSettings(tls_cert=str(tmp_path / "none.pem"), tls_key=str(tmp_path / "none.pem"))
+    with caplog.at_level(logging.INFO, logger="sidecar.tls"):
+        assert reload_certificate(server, gone) is False
+    (record,) = caplog.records
+    assert record.getMessage() == "certificate reload failed; keeping the current one"
+    assert "No such file" in record.__dict__["fields"]["error"]
