@@ -80,6 +80,20 @@ def test_memory_keeps_the_most_recently_used() -> None:
     assert memory.get("c", "t") is None and memory.get("a", "t") is ANSWER
 
 
+def test_memory_drops_everything_or_one_tenants_answers_and_says_how_many() -> None:
+    memory = MemoryCache(8, 60)
+    bob = Record("bob", "json", b"{}")
+    for key in ("a1", "a2"):
+        memory.put(key, "alice", ANSWER)
+    memory.put("b1", "bob", bob)
+    assert memory.drop("alice") == 2
+    assert len(memory) == 1 and memory.get("b1", "bob") is bob
+    assert memory.drop("nobody") == 0 and len(memory) == 1
+    memory.put("a3", "alice", ANSWER)
+    assert memory.drop() == 2
+    assert len(memory) == 0 and memory.get("b1", "bob") is None
+
+
 async def test_single_flight_makes_one_fetch_for_many_callers() -> None:
     memory = MemoryCache(4, 60)
     calls = 0
