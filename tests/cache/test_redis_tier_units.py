@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Iterator
+import hmac
+import time
+from collections.abc import Awaitable, Callable, Iterator
 
 import pytest
 
@@ -193,5 +195,147 @@ async def test_one_tenants_answers_leave_redis_and_the_others_stay(server: Redis
         assert await two.get(keys["b1"], "bob") is not None
         assert await two.drop_in_redis(None) == 1
         assert not [k for k in server.stored() if k.startswith("t7:")]
+    finally:
+        await tier.close()
+
+
+def sealed(key: str, record: Record, secret: bytes = SECRET) -> bytes:
+    """A record as the fleet stores it, written out from the rule rather than by the cache."""
+    body = record.encode()
+    mac = hmac.new(secret, b"record\0" + key.encode() + b"\0" + body, hashlib.sha256)
+    return mac.hexdigest().encode() + b"." + body
+
+
+async def test_a_record_is_sealed_by_the_documented_rule(server: RedisServer) -> None:
+    tier, one, _ = caches(server, "t8:")
+    record = Record("alice", "json", ANSWER)
+    try:
+        one.put("k", record)
+        for _ in range(100):
+            if await tier.get("k") is not None:
+                break
+            await asyncio.sleep(0.01)
+        assert await tier.get("k") == sealed("k", record)
+    finally:
+        await tier.close()
+
+
+async def test_a_record_moved_to_another_key_or_altered_is_refused_and_counted(
+        server: RedisServer) -> None:
+    tier, _, two = caches(server, "t9:")
+    record = Record("alice", "json", ANSWER)
+    try:
+        await tier.set("moved", sealed("k", record), 60)
+        altered = sealed("k", record).replace(b"chat.completion", b"chat.complexion")
+        await tier.set("k", altered, 60)
+        assert await two.get("moved", "alice") is None
+        assert await two.get("k", "alice") is None
+        assert two.counts["forged"] == 2
+    finally:
+        await tier.close()
+
+
+async def test_caches_given_no_secret_each_make_their_own(server: RedisServer) -> None:
+    tier = RedisTier(server.url, timeout_s=1.0, circuit_s=1.0, prefix="t10:")
+    one, two = (ResponseCache(MemoryCache(16, 60), 60, tier) for _ in range(2))
+    try:
+        await tier.set("k", one._seal("k", Record("alice", "json", ANSWER)), 60)
+        assert await two.get("k", "alice") is None and two.counts["forged"] == 1
+        assert await one.get("k", "alice") is not None
+    finally:
+        await tier.close()
+
+
+async def test_an_answer_found_in_redis_is_kept_in_process_under_its_key_and_tenant(
+        server: RedisServer) -> None:
+    tier, _, two = caches(server, "t11:")
+    record = Record("alice", "json", ANSWER)
+    try:
+        await tier.set("k", sealed("k", record), 60)
+        assert await two.get("k", "alice") == record
+        assert two.memory.get("k", "alice") == record
+    finally:
+        await tier.close()
+
+
+async def test_the_fleets_fetcher_keeps_its_answer_in_process_and_keys_stay_apart(
+        server: RedisServer) -> None:
+    tier, one, _ = caches(server, "t12:")
+
+    def answering(text: bytes) -> Callable[[], Awaitable[bytes]]:
+        async def fetch() -> bytes:
+            await asyncio.sleep(0.02)
+            return text
+        return fetch
+
+    try:
+        results = await asyncio.gather(one.single_flight("k1", "alice", answering(b'{"a": 1}')),
+                                       one.single_flight("k2", "alice", answering(b'{"a": 2}')))
+        assert list(results) == [(b'{"a": 1}', False), (b'{"a": 2}', False)]
+        kept = one.memory.get("k1", "alice")
+        assert kept is not None and kept.body == b'{"a": 1}'
+    finally:
+        await tier.close()
+
+
+async def test_a_waiter_takes_the_answer_as_soon_as_it_is_stored_while_the_lock_is_held(
+        server: RedisServer) -> None:
+    tier, _, two = caches(server, "t13:")
+
+    async def fetch() -> bytes:
+        raise AssertionError("the answer was there: nothing to fetch")
+
+    try:
+        assert await tier.lock("k", "another sidecar", 5) is True
+        await tier.set("k", sealed("k", Record("alice", "json", ANSWER)), 60)
+        started = time.monotonic()
+        assert await two.single_flight("k", "alice", fetch) == (ANSWER, True)
+        assert time.monotonic() - started < 0.5  # it looks every 20 ms
+    finally:
+        await tier.close()
+
+
+class LateTier(RedisTier):
+    """A Redis where the lock's holder stores its answer and lets go in the instant between a
+    waiter's look for the answer and its look at the lock."""
+
+    stored: tuple[str, bytes] | None = None
+
+    async def locked(self, key: str) -> bool:
+        if self.stored is not None:
+            await self.set(*self.stored, 60)
+            self.stored = None
+            await self.unlock(key, "another sidecar")
+        return await super().locked(key)
+
+
+async def test_an_answer_stored_just_before_the_lock_is_let_go_is_taken(
+        server: RedisServer) -> None:
+    tier = LateTier(server.url, timeout_s=1.0, circuit_s=1.0, prefix="t14:")
+    cache = ResponseCache(MemoryCache(16, 60), 60, tier, lock_s=2.0, secret=SECRET)
+
+    async def fetch() -> bytes:
+        raise AssertionError("the answer was there: nothing to fetch")
+
+    try:
+        assert await tier.lock("k", "another sidecar", 5) is True
+        tier.stored = ("k", sealed("k", Record("alice", "json", ANSWER)))
+        assert await cache.single_flight("k", "alice", fetch) == (ANSWER, True)
+    finally:
+        await tier.close()
+
+
+async def test_a_sidecar_that_fetched_without_the_lock_leaves_storing_to_its_caller(
+        server: RedisServer) -> None:
+    tier, _, two = caches(server, "t15:")
+
+    async def fetch() -> bytes:
+        return ANSWER
+
+    try:
+        # Another sidecar holds the lock briefly and stores nothing: this one fetches itself.
+        assert await tier.lock("k", "another sidecar", 0.1) is True
+        assert await two.single_flight("k", "alice", fetch) == (ANSWER, False)
+        assert await tier.get("k") is None and two.memory.get("k", "alice") is None
     finally:
         await tier.close()
