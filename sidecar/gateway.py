@@ -155,7 +155,7 @@ class Gateway:
                     raise
                 # Charged to this target unless another one answers after it.
                 record.target = label
-                record.fallback_from = _failed(tried, spilled)
+                record.fallback_from = _failed(tried, spilled, skip)
                 after = [*(tried if tried is not None else skip or ()), target]
                 if isinstance(exc, Spillable):
                     # Full or not ready: the next target, free of the retry budget.
@@ -179,7 +179,7 @@ class Gateway:
             record.target = label
             headers = answer.headers
             headers["X-Sidecar-Target"] = label
-            failed = record.fallback_from = _failed(tried, spilled)
+            failed = record.fallback_from = _failed(tried, spilled, skip)
             if failed:
                 headers["X-Sidecar-Fallback-From"] = ", ".join(failed)
             if spilled:
@@ -188,11 +188,14 @@ class Gateway:
             return answer
 
 
-def _failed(tried: list[Target] | None, spilled: list[Target] | None) -> list[str]:
-    """The targets that failed before the one now tried (not those passed over as full)."""
+def _failed(tried: list[Target] | None, spilled: list[Target] | None,
+            skipped: list[Target] | None) -> list[str]:
+    """The targets that failed before the one now tried (not those passed over as full, nor
+    the local ones a long prompt skipped)."""
     if not tried:
         return []
-    return [t.label for t in tried if spilled is None or t not in spilled]
+    return [t.label for t in tried
+            if (spilled is None or t not in spilled) and (skipped is None or t not in skipped)]
 
 
 def _leave(in_flight: dict[str, int], label: str) -> None:
