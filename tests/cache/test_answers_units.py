@@ -5,7 +5,7 @@ ended well), the Cache-Control a client sends, and identical requests in flight 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Iterator
 from typing import Any
 
 import orjson
@@ -14,11 +14,13 @@ import pytest
 from sidecar.cache.answers import AnswerCache
 from sidecar.cache.memory import MemoryCache
 from sidecar.cache.records import Record
+from sidecar.cache.redis_tier import RedisTier
 from sidecar.cache.response_cache import ResponseCache, cache_key
 from sidecar.exchange import ANTHROPIC, OPENAI, Answer, Exchange
 from sidecar.observability.timing import RequestContext
 from sidecar.security.jwt import Principal
 from sidecar.settings import CacheSettings
+from tests.support.redis_server import RedisServer
 
 SECRET = b"k" * 32
 PAYLOAD: dict[str, Any] = {"model": "m", "messages": [], "temperature": 0}
@@ -139,6 +141,8 @@ async def test_a_miss_is_fetched_and_kept_and_the_next_one_is_a_hit() -> None:
     assert second.context.record.cache == "hit"
     assert upstream.calls == 1
     assert cache.cache.counts == {"hit": 1, "miss": 1, "bypass": 0, "forged": 0}
+    await cache.answer(exchange(), upstream)
+    assert cache.cache.counts["hit"] == 2
 
 
 async def test_answers_are_kept_per_tenant() -> None:
@@ -183,6 +187,17 @@ async def test_identical_requests_in_flight_are_fetched_once() -> None:
     assert cache.cache.counts["hit"] == 2 and cache.cache.counts["miss"] == 1
 
 
+async def test_different_requests_in_flight_get_their_own_answers() -> None:
+    cache = answers()
+    first, second = Upstream(), Upstream(CHAT.replace(b"Hi", b"Ho"))
+    first.delay = second.delay = 0.02
+    other = dict(PAYLOAD, seed=1)
+    results = await asyncio.gather(cache.answer(exchange(), first),
+                                   cache.answer(exchange(other), second))
+    assert [a.body for a in results] == [first.body, second.body]
+    assert first.calls == second.calls == 1
+
+
 async def test_no_store_requests_in_flight_are_still_fetched_once_in_this_process() -> None:
     cache, upstream = answers(), Upstream()
     upstream.delay = 0.02
@@ -213,6 +228,16 @@ async def test_a_stream_is_kept_once_it_ended_well_without_its_heartbeats() -> N
     assert len(cache.cache.memory) == 0  # not before it ended
     assert await drained(answer) == [STREAM[0], b"", *STREAM[1:]]
     assert cache.cache.memory.get(key(), "alice") == Record("alice", "stream", chunks=STREAM)
+
+
+async def test_a_stream_that_opens_with_a_heartbeat_is_kept_without_it() -> None:
+    cache, upstream = answers(), Upstream(chunks=[b"", *STREAM])
+    assert await drained(await cache.answer(exchange(stream=True), upstream)) == [b"", *STREAM]
+    assert cache.cache.memory.get(key(), "alice") == Record("alice", "stream", chunks=STREAM)
+    assert cache.cache.counts["miss"] == 1
+    await drained(await cache.answer(exchange(stream=True, headers={
+        "Cache-Control": "no-cache"}), upstream))
+    assert cache.cache.counts["miss"] == 2
 
 
 async def test_a_stream_whose_client_left_is_not_kept() -> None:
@@ -339,3 +364,40 @@ async def _message_events() -> list[bytes]:
     events = message_as_events(MESSAGE)
     assert events is not None
     return events
+
+
+# -- a fleet on one Redis -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    instance = RedisServer(tmp_path_factory.mktemp("redis"))
+    instance.start()
+    yield instance
+    instance.stop()
+
+
+def fleet_member(tier: RedisTier) -> AnswerCache:
+    return AnswerCache(ResponseCache(MemoryCache(16, 60), 60, tier, secret=SECRET),
+                       CacheSettings(enabled=True), SECRET)
+
+
+async def test_an_answer_one_sidecar_fetched_is_a_hit_on_another(server: RedisServer) -> None:
+    tier = RedisTier(server.url, timeout_s=1.0, circuit_s=1.0, prefix="a1:")
+    try:
+        one, two = fleet_member(tier), fleet_member(tier)
+        await one.answer(exchange(), Upstream())
+        hit = await two.answer(exchange(), Upstream())
+        assert hit.headers["X-Sidecar-Cache"] == "hit" and hit.body == CHAT
+    finally:
+        await tier.close()
+
+
+async def test_no_store_keeps_nothing_in_redis_either(server: RedisServer) -> None:
+    tier = RedisTier(server.url, timeout_s=1.0, circuit_s=1.0, prefix="a2:")
+    try:
+        await fleet_member(tier).answer(exchange(headers={"Cache-Control": "no-store"}),
+                                        Upstream())
+        await asyncio.sleep(0.05)
+        assert not [k for k in server.stored() if k.startswith("a2:")]
+    finally:
+        await tier.close()
