@@ -68,7 +68,8 @@ class Gateway:
                     context.record.usage = usage_of(answer.body) \
                         if exchange.protocol == OPENAI else messages_usage(answer.body)
                 else:
-                    answer.events = _metered(answer.events, context.record, exchange.protocol)
+                    answer.events = _metered(answer.events, context.record, exchange.protocol,
+                                             answer.first)
             return answer
         return await self._within_budget(exchange, route)
 
@@ -105,7 +106,7 @@ class Gateway:
             used = record.usage[2] if record.usage is not None else reserved
             budget.give_back(tenant, reserved - used)
             return answer
-        answer.events = _metered(answer.events, record, exchange.protocol)
+        answer.events = _metered(answer.events, record, exchange.protocol, answer.first)
 
         def settle() -> None:
             used = record.usage[2] if record.usage is not None else reserved
@@ -202,11 +203,15 @@ def _leave(in_flight: dict[str, int], label: str) -> None:
     in_flight[label] -= 1
 
 
-async def _metered(events: AsyncGenerator[bytes, None], record: RequestRecord, protocol: str
-                   ) -> AsyncGenerator[bytes, None]:
+async def _metered(events: AsyncGenerator[bytes, None], record: RequestRecord, protocol: str,
+                   first: bytes | None = None) -> AsyncGenerator[bytes, None]:
     """Pass a stream on, noting the usage its chunks report (OpenAI's last chunk; Anthropic's
-    message_start and message_delta, each with part of it)."""
+    message_start and message_delta, each with part of it). The first event, already read,
+    is noted first: Anthropic's message_start, with the prompt's tokens."""
     try:
+        if first is not None and b'"usage":{' in first:
+            record.usage = usage_of(first) if protocol == OPENAI else \
+                messages_usage(first, record.usage)
         async for data in events:
             if b'"usage":{' in data:
                 record.usage = usage_of(data) if protocol == OPENAI else \
