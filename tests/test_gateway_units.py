@@ -14,9 +14,10 @@ import pytest
 from sidecar.backends.base import Call
 from sidecar.cache.answers import AnswerCache
 from sidecar.cache.memory import MemoryCache
+from sidecar.cache.redis_tier import RedisTier
 from sidecar.cache.response_cache import ResponseCache
 from sidecar.errors import ModelNotFound, SidecarError, Spillable, UpstreamError, UpstreamStatus
-from sidecar.exchange import OPENAI, Answer, Exchange
+from sidecar.exchange import ANTHROPIC, OPENAI, Answer, Exchange
 from sidecar.gateway import Gateway, estimate_tokens
 from sidecar.observability.timing import RequestContext
 from sidecar.routing.router import Router
@@ -24,6 +25,7 @@ from sidecar.routing.table import Route, RouteTable, Target
 from sidecar.security.jwt import Forbidden, Principal
 from sidecar.security.limits import Limiter
 from sidecar.settings import CacheSettings, LimitsSettings, RoutingSettings
+from tests.support.sidecar import closed_port
 
 USAGE = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
 BODY = orjson.dumps({"id": "chatcmpl-1", "object": "chat.completion", "model": "x",
@@ -49,9 +51,13 @@ class Scripted:
     protocol: str = OPENAI
     default_max_tokens: int | None = None
 
-    def __init__(self, name: str, *script: bytes | BaseException) -> None:
+    def __init__(self, name: str, *script: bytes | BaseException,
+                 chunks: list[bytes] | None = None, protocol: str = OPENAI) -> None:
         self.name = name
         self.script = list(script)
+        self.chunks = CHUNKS if chunks is None else chunks
+        self.protocol = protocol
+        self.default_max_tokens = 1024 if protocol == ANTHROPIC else None
         self.calls: list[Call] = []
 
     def _next(self, call: Call) -> bytes:
@@ -66,7 +72,7 @@ class Scripted:
 
     async def stream(self, call: Call) -> AsyncGenerator[bytes, None]:
         self._next(call)
-        for data in CHUNKS:
+        for data in self.chunks:
             yield data
 
     async def probe(self) -> bool:
@@ -77,12 +83,13 @@ class Scripted:
 
 
 def gateway(*targets: Target, backends: list[Scripted], limits: LimitsSettings | None = None,
-            cache: bool = False, count_usage: bool = False, **route: Any) -> Gateway:
+            cache: bool = False, count_usage: bool = False, failures_before_cooldown: int = 1,
+            **route: Any) -> Gateway:
     table = RouteTable({"m": Route("m", list(targets), **route)}, [b.name for b in backends])
     answers = AnswerCache(ResponseCache(MemoryCache(8, 60), 60, secret=b"s" * 32),
                           CacheSettings(enabled=True), b"s" * 32) if cache else None
     return Gateway(table, {b.name: b for b in backends},
-                   Router(RoutingSettings(failures_before_cooldown=1)),
+                   Router(RoutingSettings(failures_before_cooldown=failures_before_cooldown)),
                    Limiter(limits or LimitsSettings()), answers, count_usage=count_usage)
 
 
@@ -374,3 +381,185 @@ async def test_the_cache_answers_what_it_kept_and_an_uncacheable_request_passes_
     passing.cacheable = False
     await path.open(passing)
     assert len(up.calls) == 2 and passing.context.record.cache == ""
+
+
+# -- more than one target, more than one failure --------------------------------------------
+
+DOWN2 = Target("down2", "w", 1)
+LOCAL2 = Target("local2", "v", 1, local=True)
+
+
+async def test_every_target_that_failed_is_named_in_order() -> None:
+    path = gateway(DOWN, DOWN2, SPARE, backends=[
+        Scripted("down", UpstreamError("x")), Scripted("down2", UpstreamError("x")),
+        Scripted("up", BODY)])
+    request = exchange()
+    answer = await path.open(request)
+    failed = request.context.record.fallback_from
+    assert sorted(failed) == ["down/y", "down2/w"]
+    assert answer.headers["X-Sidecar-Fallback-From"] == ", ".join(failed)
+    first_byte = request.context.record.first_byte_s
+    assert first_byte is not None and 0 < first_byte < 5
+
+
+async def test_every_full_local_target_is_named_in_order() -> None:
+    path = gateway(LOCAL, LOCAL2, SPARE, backends=[
+        Scripted("local", Spillable("full")), Scripted("local2", Spillable("full")),
+        Scripted("up", BODY)])
+    request = exchange()
+    answer = await path.open(request)
+    spilled = request.context.record.spill_over_from
+    assert sorted(spilled) == ["local/z", "local2/v"]
+    assert answer.headers["X-Sidecar-Spill-Over-From"] == ", ".join(spilled)
+
+
+async def test_a_target_that_failed_is_not_tried_again_while_it_may_still_serve() -> None:
+    down, down2 = Scripted("down", UpstreamError("x")), Scripted("down2", UpstreamError("x"))
+    path = gateway(DOWN, DOWN2, backends=[down, down2], failures_before_cooldown=5)
+    request = exchange()
+    with pytest.raises(UpstreamError):
+        await path.open(request)
+    assert len(down.calls) == len(down2.calls) == 1
+    assert len(request.context.record.fallback_from) == 1  # the one before the last
+
+
+async def test_a_local_target_tried_last_waits_for_its_model() -> None:
+    local = Scripted("local", BODY)
+    path = gateway(DOWN, Target("local", "z", 0, fallback_only=True, local=True),
+                   backends=[Scripted("down", UpstreamError("x")), local],
+                   failures_before_cooldown=5)
+    await path.open(exchange())
+    assert local.calls[0].patient is True  # nothing else is left: it may wait
+
+
+async def test_what_failed_before_a_spill_or_a_skip_is_told_apart_when_all_fail() -> None:
+    path = gateway(LOCAL, Target("up", "x", 0, fallback_only=True), backends=[
+        Scripted("local", Spillable("full")), Scripted("up", UpstreamError("x"))])
+    request = exchange()
+    with pytest.raises(UpstreamError):
+        await path.open(request)
+    assert request.context.record.fallback_from == []  # the local one was full, not failed
+    long = gateway(LOCAL, DOWN, SPARE, prefer_local_below_tokens=10, backends=[
+        Scripted("local", BODY), Scripted("down", UpstreamError("x")),
+        Scripted("up", UpstreamError("x"))])
+    request = exchange(body={"model": "m", "messages": [{"role": "user", "content": "x" * 400}]})
+    with pytest.raises(UpstreamError):
+        await long.open(request)
+    assert request.context.record.fallback_from == ["down/y"]
+
+
+async def test_requests_in_flight_to_one_target_are_counted_together() -> None:
+    path = gateway(UP, backends=[Scripted("up", b"")])
+    answers = [await path.open(exchange(stream=True)) for _ in range(2)]
+    assert path.in_flight == {"up/x": 2}
+    for answer in answers:
+        await answer.close()
+    assert path.in_flight == {"up/x": 0}
+
+
+async def test_the_call_carries_the_requests_timing() -> None:
+    up = Scripted("up", BODY)
+    request = exchange()
+    await gateway(UP, backends=[up]).open(request)
+    assert up.calls[0].timing is request.context.timing
+
+
+async def test_a_prompt_estimated_at_the_limit_is_long() -> None:
+    local, up = Scripted("local", BODY), Scripted("up", BODY)
+    path = gateway(LOCAL, UP, backends=[local, up], prefer_local_below_tokens=50)
+    payload = {"model": "m", "messages": [], "pad": ""}
+    payload["pad"] = "x" * (200 - len(orjson.dumps(payload)))
+    request = exchange(body=payload)
+    assert len(request.body) == 200  # 50 tokens at four bytes each
+    await path.open(request)
+    assert request.context.record.rule == "long_prompt" and not local.calls
+
+
+# -- another protocol -----------------------------------------------------------------------
+
+MESSAGE = orjson.dumps({"id": "msg_1", "type": "message", "role": "assistant", "model": "y",
+                        "content": [{"type": "text", "text": "Hi"}], "stop_reason": "end_turn",
+                        "stop_sequence": None, "usage": {"input_tokens": 3,
+                                                         "output_tokens": 1}})
+EVENTS = [orjson.dumps({"type": "message_start", "message": {
+              "id": "msg_1", "type": "message", "role": "assistant", "model": "y",
+              "content": [], "usage": {"input_tokens": 3, "output_tokens": 0}}}),
+          orjson.dumps({"type": "content_block_start", "index": 0,
+                        "content_block": {"type": "text", "text": ""}}),
+          orjson.dumps({"type": "content_block_delta", "index": 0,
+                        "delta": {"type": "text_delta", "text": "Hi"}}),
+          orjson.dumps({"type": "content_block_stop", "index": 0}),
+          orjson.dumps({"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                        "usage": {"output_tokens": 1}})]
+ANTH = Target("anth", "y", 1)
+
+
+def messages_request(stream: bool = False) -> Exchange:
+    payload = {"model": "m", "messages": [{"role": "user", "content": "Hi"}],
+               "max_tokens": 5}
+    made = Exchange("messages", orjson.dumps(payload), payload, "m",
+                    RequestContext("req-2", Principal("alice", frozenset(), None)), {},
+                    ANTHROPIC)
+    made.stream = stream
+    made.max_output_tokens = 5
+    return made
+
+
+async def test_an_openai_request_to_an_anthropic_target_is_translated_both_ways() -> None:
+    anth = Scripted("anth", MESSAGE, protocol=ANTHROPIC)
+    answer = await gateway(ANTH, backends=[anth]).open(exchange())
+    assert answer.protocol == OPENAI
+    assert orjson.loads(answer.body)["choices"][0]["message"]["content"] == "Hi"
+    sent = orjson.loads(anth.calls[0].body)
+    assert sent["model"] == "y" and sent["max_tokens"] == 1024
+
+
+async def test_a_messages_answer_keeps_its_protocol_and_its_usage_is_counted() -> None:
+    path = gateway(ANTH, backends=[Scripted("anth", MESSAGE, protocol=ANTHROPIC)],
+                   count_usage=True)
+    request = messages_request()
+    answer = await path.open(request)
+    assert answer.protocol == ANTHROPIC and answer.body == MESSAGE
+    assert request.context.record.usage == (3, 1, 4, -1)
+    streamed = messages_request(stream=True)
+    path = gateway(ANTH, backends=[Scripted("anth", b"", chunks=EVENTS, protocol=ANTHROPIC)],
+                   count_usage=True)
+    assert await drained(await path.open(streamed)) == EVENTS
+    assert streamed.context.record.usage == (3, 1, 4, -1)
+
+
+async def test_a_messages_answer_settles_the_budget_on_its_usage() -> None:
+    path = gateway(ANTH, backends=[Scripted("anth", MESSAGE, protocol=ANTHROPIC)],
+                   limits=LimitsSettings(tokens_per_minute=10_000, default_max_tokens=100))
+    request = messages_request()
+    await path.open(request)
+    assert request.context.record.usage == (3, 1, 4, -1)
+    assert level(path) == pytest.approx(10_000 - 4, abs=1)
+
+
+async def test_a_messages_stream_settles_on_the_prompt_and_the_answer_tokens() -> None:
+    path = gateway(ANTH, backends=[Scripted("anth", b"", chunks=EVENTS, protocol=ANTHROPIC)],
+                   limits=LimitsSettings(tokens_per_minute=10_000, default_max_tokens=100))
+    request = messages_request(stream=True)
+    await drained(await path.open(request))
+    assert request.context.record.usage == (3, 1, 4, -1)  # message_start's 3 included
+    assert level(path) == pytest.approx(10_000 - 4, abs=1)
+
+
+async def test_a_stream_without_usage_keeps_the_reservation() -> None:
+    path = gateway(UP, backends=[Scripted("up", b"", chunks=CHUNKS[:2])],
+                   limits=LimitsSettings(tokens_per_minute=10_000, default_max_tokens=100))
+    request = exchange(stream=True)
+    await drained(await path.open(request))
+    assert level(path) == pytest.approx(10_000 - estimate_tokens(request, 100), abs=1)
+
+
+async def test_a_fleet_budget_whose_redis_is_away_is_kept_by_this_process() -> None:
+    path = budgeted(BODY)
+    tier = RedisTier(f"redis://127.0.0.1:{closed_port()}/0", timeout_s=0.2, circuit_s=5.0)
+    try:
+        path.limiter.share(tier)
+        assert (await path.open(exchange())).body == BODY
+        assert level(path) < 10_000  # the tenant's own bucket in this process was charged
+    finally:
+        await tier.close()
