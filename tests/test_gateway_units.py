@@ -154,8 +154,10 @@ async def test_the_target_gets_the_clients_bytes_and_its_answer_names_it() -> No
 
 
 async def test_a_stream_counts_as_in_flight_until_it_is_closed() -> None:
-    path = gateway(UP, backends=[Scripted("up", b"")])
+    up = Scripted("up", b"")
+    path = gateway(UP, backends=[up])
     answer = await path.open(exchange(stream=True))
+    assert up.calls[0].request_id == "req-1"
     assert answer.first == CHUNKS[0] and answer.headers["X-Sidecar-Target"] == "up/x"
     assert path.in_flight == {"up/x": 1}
     assert await drained(answer) == CHUNKS
@@ -290,6 +292,19 @@ async def test_usage_is_noted_when_asked_for_a_json_answer_and_a_stream() -> Non
     unnoted = exchange()
     await quiet.open(unnoted)
     assert unnoted.context.record.usage is None
+
+
+async def test_usage_in_a_streams_first_chunk_is_noted_and_an_empty_stream_has_none() -> None:
+    alone = orjson.dumps({"object": "chat.completion.chunk", "usage": USAGE, "choices": [
+        {"index": 0, "delta": {"content": "Hi"}, "finish_reason": "stop"}]})
+    path = gateway(UP, backends=[Scripted("up", b"", chunks=[alone])], count_usage=True)
+    request = exchange(stream=True)
+    assert await drained(await path.open(request)) == [alone]
+    assert request.context.record.usage == (3, 2, 5, -1)
+    empty = gateway(UP, backends=[Scripted("up", b"", chunks=[])], count_usage=True)
+    nothing = exchange(stream=True)
+    assert await drained(await empty.open(nothing)) == []
+    assert nothing.context.record.usage is None
 
 
 def test_the_estimate_is_a_token_per_four_bytes_plus_the_longest_answer() -> None:
