@@ -69,7 +69,8 @@ class Gateway:
                     context.record.usage = usage_of(answer.body) \
                         if exchange.protocol == OPENAI else messages_usage(answer.body)
                 else:
-                    answer.events = _metered(answer.events, context.record, exchange.protocol)
+                    answer.events = _metered(answer.events, context.record, exchange.protocol,
+                                             answer.first)
             return answer
         return await self._within_budget(exchange, route)
 
@@ -106,7 +107,7 @@ class Gateway:
             used = record.usage[2] if record.usage is not None else reserved
             budget.give_back(tenant, reserved - used)
             return answer
-        answer.events = _metered(answer.events, record, exchange.protocol)
+        answer.events = _metered(answer.events, record, exchange.protocol, answer.first)
 
         def settle() -> None:
             used = record.usage[2] if record.usage is not None else reserved
@@ -156,7 +157,7 @@ class Gateway:
                     raise
                 # Charged to this target unless another one answers after it.
                 record.target = label
-                record.fallback_from = _failed(tried, spilled)
+                record.fallback_from = _failed(tried, spilled, skip)
                 after = [*(tried if tried is not None else skip or ()), target]
                 if isinstance(exc, Spillable):
                     # Full or not ready: the next target, free of the retry budget.
@@ -180,7 +181,7 @@ class Gateway:
             record.target = label
             headers = answer.headers
             headers["X-Sidecar-Target"] = label
-            failed = record.fallback_from = _failed(tried, spilled)
+            failed = record.fallback_from = _failed(tried, spilled, skip)
             if failed:
                 headers["X-Sidecar-Fallback-From"] = ", ".join(failed)
             if spilled:
@@ -189,22 +190,29 @@ class Gateway:
             return answer
 
 
-def _failed(tried: list[Target] | None, spilled: list[Target] | None) -> list[str]:
-    """The targets that failed before the one now tried (not those passed over as full)."""
+def _failed(tried: list[Target] | None, spilled: list[Target] | None,
+            skipped: list[Target] | None) -> list[str]:
+    """The targets that failed before the one now tried (not those passed over as full, nor
+    the local ones a long prompt skipped)."""
     if not tried:
         return []
-    return [t.label for t in tried if spilled is None or t not in spilled]
+    return [t.label for t in tried
+            if (spilled is None or t not in spilled) and (skipped is None or t not in skipped)]
 
 
 def _leave(in_flight: dict[str, int], label: str) -> None:
     in_flight[label] -= 1
 
 
-async def _metered(events: AsyncGenerator[bytes, None], record: RequestRecord, protocol: str
-                   ) -> AsyncGenerator[bytes, None]:
+async def _metered(events: AsyncGenerator[bytes, None], record: RequestRecord, protocol: str,
+                   first: bytes | None = None) -> AsyncGenerator[bytes, None]:
     """Pass a stream on, noting the usage its chunks report (OpenAI's last chunk; Anthropic's
-    message_start and message_delta, each with part of it)."""
+    message_start and message_delta, each with part of it). The first event, already read,
+    is noted first: Anthropic's message_start, with the prompt's tokens."""
     try:
+        if first is not None and b'"usage":{' in first:
+            record.usage = usage_of(first) if protocol == OPENAI else \
+                messages_usage(first, record.usage)
         async for data in events:
             if b'"usage":{' in data:
                 record.usage = usage_of(data) if protocol == OPENAI else \

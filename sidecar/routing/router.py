@@ -81,8 +81,10 @@ class Router:
 
     def pick(self, route: Route, tried: list[Target] | None,
              skip: list[Target] | None = None) -> Target:
-        """The next target for a request that already tried `tried` (None on the first go);
-        a first go avoids `skip` when another target can serve."""
+        """The next target for a request that already tried `tried` (None on the first go).
+        A first go never takes a target in `skip` (the local targets a long prompt passes
+        over): they count as tried, so with every other target failing or resting it is the
+        same 503, as the gateway expects when it adds them to what a request tried."""
         if not tried:
             first = route.choose()
             if (first is not None and skip is None and not self._targets

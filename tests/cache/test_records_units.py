@@ -85,6 +85,41 @@ def test_every_choice_of_a_stream_must_finish() -> None:
     assert whole_stream([chunk("a"), b'{"id": "x"}', chunk(finish="stop")])
 
 
+def test_a_choice_without_an_index_is_choice_0_and_each_choice_finishes_for_itself() -> None:
+    unnamed_finish = b'{"choices": [{"delta": {}, "finish_reason": "stop"}]}'
+    assert whole_stream([chunk("a", index=0), unnamed_finish])
+    assert not whole_stream([chunk("a", index=1), unnamed_finish])
+    assert not whole_stream([chunk("a", index=0), chunk(finish="stop", index=0),
+                             chunk("b", index=1)])
+
+
+def event(kind: str, **fields: Any) -> bytes:
+    return orjson.dumps({"type": kind, **fields})
+
+
+MESSAGE = [event("message_start", message={"id": "msg_1", "usage": {"input_tokens": 3}}),
+           event("content_block_start", index=0, content_block={"type": "text", "text": ""}),
+           event("content_block_delta", index=0, delta={"type": "text_delta", "text": "Hi"}),
+           event("content_block_stop", index=0),
+           event("message_delta", delta={"stop_reason": "end_turn"}, usage={"output_tokens": 1}),
+           event("message_stop")]
+
+
+def test_an_anthropic_stream_is_whole_with_a_stop_reason_and_no_error() -> None:
+    assert whole_stream(MESSAGE)
+    assert servable(Record("t", "stream", chunks=MESSAGE))
+
+
+@pytest.mark.parametrize("chunks", [
+    [*MESSAGE[:4], event("message_delta", delta={"stop_reason": None}), MESSAGE[-1]],
+    [*MESSAGE[:4], event("message_delta", delta="end_turn"), MESSAGE[-1]],
+    [*MESSAGE[:4], event("error", error={"type": "overloaded_error"})],
+    [*MESSAGE[:3], event("error", error={"type": "overloaded_error"}), *MESSAGE[3:]],
+], ids=["no_stop_reason", "delta_not_object", "error_instead", "error_then_stop"])
+def test_an_anthropic_stream_that_did_not_end_well_is_not_whole(chunks: list[bytes]) -> None:
+    assert not whole_stream(chunks)
+
+
 def test_a_json_record_is_servable_only_when_it_is_an_object() -> None:
     assert servable(Record("t", "json", b'{"choices": []}'))
     for body in (b"", b"nope", b"[1]", b"null"):
@@ -199,7 +234,8 @@ def test_usage_is_replayed_only_when_asked_and_only_when_recorded() -> None:
     assert len(without) == len(WHOLE) and all("usage" not in c for c in without)
     inline = chunk(finish="stop", usage=USAGE)
     kept = loads(as_chunks(stream(chunk("a"), inline), False))
-    assert "usage" not in kept[-1]
+    assert len(kept) == 2 and "usage" not in kept[-1]
+    assert kept[-1]["choices"][0]["finish_reason"] == "stop"
     kept = loads(as_chunks(stream(chunk("a"), inline), True))
     assert kept[-1]["usage"] == USAGE and kept[-1]["choices"]
 
@@ -284,6 +320,11 @@ def test_replayed_usage_and_other_chunks_keep_their_shape() -> None:
     replayed = loads(as_chunks(stream(chunk("a"), note, chunk(finish="stop"), USAGE_CHUNK),
                                True))
     assert len(replayed) == 4 and "choices" not in replayed[1]
+    assert replayed[1]["usage"] is None  # a chunk of its own, not usage
+    assert len(loads(as_chunks(stream(chunk("a"), note, chunk(finish="stop")), False))) == 3
+    # Usage recorded before the last chunk: what follows it is replayed all the same.
+    early = loads(as_chunks(stream(chunk("a"), USAGE_CHUNK, chunk(finish="stop")), True))
+    assert [bool(c["choices"]) for c in early] == [True, False, True]
     assert replayed[-1]["created"] == replayed[0]["created"] > 5
     body = orjson.dumps({"object": "text_completion", "choices": [
         {"index": 0, "text": "ab", "finish_reason": "stop"}]})

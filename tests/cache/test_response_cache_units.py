@@ -4,6 +4,8 @@ and single flight."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import time
 
 import pytest
@@ -29,6 +31,33 @@ def test_the_key_binds_secret_tenant_endpoint_and_every_field_that_changes_the_a
     assert key not in others and len(others) == 5
     # The tenant and the endpoint are kept apart: neither can be shifted into the other.
     assert cache_key(SECRET, "a", "bc", payload) != cache_key(SECRET, "ab", "c", payload)
+
+
+def test_the_key_is_the_documented_hmac_so_every_version_in_a_fleet_agrees() -> None:
+    payload = {"temperature": 0, "model": "m", "stream": True}
+    message = b'alice\0chat/completions\0{"model":"m","temperature":0}'
+    assert cache_key(SECRET, "alice", "chat/completions", payload) == hmac.new(
+        SECRET, message, hashlib.sha256).hexdigest()
+
+
+def test_the_cache_waits_ten_seconds_for_the_fleet_by_default() -> None:
+    assert ResponseCache(MemoryCache(4, 60), 60).lock_s == 10.0
+
+
+async def test_different_keys_in_flight_at_once_get_their_own_answers() -> None:
+    cache = ResponseCache(MemoryCache(4, 60), 60)
+
+    async def one() -> bytes:
+        await asyncio.sleep(0.02)
+        return b"1"
+
+    async def two() -> bytes:
+        await asyncio.sleep(0.02)
+        return b"2"
+
+    results = await asyncio.gather(cache.single_flight("k1", "t", one),
+                                   cache.single_flight("k2", "t", two))
+    assert list(results) == [(b"1", False), (b"2", False)]
 
 
 @pytest.mark.parametrize("field", ["stream", "stream_options", "user", "metadata", "store"])
@@ -78,6 +107,20 @@ def test_memory_keeps_the_most_recently_used() -> None:
     memory.put("a", "t", ANSWER)  # a second put refreshes it too
     memory.put("d", "t", ANSWER)
     assert memory.get("c", "t") is None and memory.get("a", "t") is ANSWER
+
+
+def test_memory_drops_everything_or_one_tenants_answers_and_says_how_many() -> None:
+    memory = MemoryCache(8, 60)
+    bob = Record("bob", "json", b"{}")
+    for key in ("a1", "a2"):
+        memory.put(key, "alice", ANSWER)
+    memory.put("b1", "bob", bob)
+    assert memory.drop("alice") == 2
+    assert len(memory) == 1 and memory.get("b1", "bob") is bob
+    assert memory.drop("nobody") == 0 and len(memory) == 1
+    memory.put("a3", "alice", ANSWER)
+    assert memory.drop() == 2
+    assert len(memory) == 0 and memory.get("b1", "bob") is None
 
 
 async def test_single_flight_makes_one_fetch_for_many_callers() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from typing import Any
 
 import pytest
 
@@ -23,7 +24,7 @@ def route(*targets: Target) -> Route:
     return Route("m", list(targets), random.Random(1))
 
 
-def router(**changes: float) -> Router:
+def router(**changes: Any) -> Router:
     return Router(RoutingSettings(**{"failures_before_cooldown": 2, "cooldown_s": 30.0,
                                      "retry_budget_ratio": 0.5, **changes}))
 
@@ -155,6 +156,14 @@ def test_a_first_go_avoids_the_skipped_target() -> None:
     pair = route(A, B)
     for _ in range(20):
         assert chooser.pick(pair, None, [A]) is B
+
+
+def test_a_skipped_target_is_not_taken_even_when_every_other_one_rests() -> None:
+    chooser = router(failures_before_cooldown=1)
+    chooser.failed(B, UpstreamError("x"))
+    with pytest.raises(Unavailable) as caught:
+        chooser.pick(route(A, B), None, [A])  # A is healthy, but skipped
+    assert caught.value.code == "no_healthy_target"
 
 
 def test_a_success_while_resting_does_not_end_the_rest() -> None:

@@ -32,7 +32,9 @@ def test_a_damaged_file_is_ignored_and_logged(tmp_path: Path, raw: bytes, words:
     path.write_bytes(raw)
     with caplog.at_level(logging.ERROR, logger="sidecar.routing"):
         assert RouteState(str(path)).read() == {}
-    assert any(words in record.getMessage() for record in caplog.records)
+    (record,) = caplog.records
+    assert record.getMessage() == f"route state file is {words}; ignoring it"
+    assert record.__dict__["fields"] == {"path": str(path)}
 
 
 def test_changes_written_are_read_back_and_applied(tmp_path: Path) -> None:
@@ -67,6 +69,29 @@ def test_an_entry_that_no_longer_fits_the_config_is_skipped_and_the_rest_applies
     assert len(warned) == 1
     fields = warned[0].__dict__["fields"]
     assert fields["model"] == "gone" and "no model `gone`" in fields["reason"]
+
+
+def test_a_long_model_name_is_logged_cut_short_with_the_files_path(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "routes.json"
+    state = RouteState(str(path))
+    with caplog.at_level(logging.WARNING, logger="sidecar.routing"):
+        state.apply(table(), {"x" * 150: [{"provider": "p", "weight": 1}]})
+    (record,) = caplog.records
+    assert record.__dict__["fields"] == {
+        "model": "x" * 100, "path": str(path),
+        "reason": f"There is no model `{'x' * 150}` to change."}
+
+
+def test_a_write_makes_the_missing_folders_and_indents_the_file_for_a_person(
+        tmp_path: Path) -> None:
+    path = tmp_path / "var" / "lib" / "routes.json"
+    state = RouteState(str(path))
+    state.changed = {"m": [{"provider": "p", "weight": 1.0}]}
+    state.write()
+    assert path.read_text().splitlines() == [
+        "{", '  "m": [', "    {", '      "provider": "p",', '      "weight": 1.0', "    }",
+        "  ]", "}"]
 
 
 def test_a_write_replaces_the_whole_file(tmp_path: Path) -> None:

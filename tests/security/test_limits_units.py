@@ -53,6 +53,23 @@ def test_a_bucket_refills_at_its_rate_up_to_its_capacity() -> None:
         budget.take("t", 1, now=1000.0)
 
 
+def test_a_bucket_refills_per_minute_over_sixty_a_second() -> None:
+    budget = Budget(120, "tokens")  # two a second
+    budget.take("t", 120, now=0.0)
+    budget.take("t", 10, now=5.0)
+    with pytest.raises(RateLimited) as refused:
+        budget.take("t", 1, now=5.0)
+    assert "0.5s" in refused.value.message
+
+
+def test_only_buckets_full_by_now_are_forgotten_at_any_rate() -> None:
+    budget = Budget(120, "tokens")  # two a second
+    budget.take("spent", 120, now=100.0)
+    budget.take("nearly", 1, now=100.0)
+    budget._forget_full(100.5)  # nearly refilled its one token in half a second; spent did not
+    assert list(budget._buckets) == ["spent"]
+
+
 def test_tenants_have_their_own_buckets() -> None:
     budget = Budget(10, "requests")
     budget.take("alice", 10, now=0.0)
@@ -93,8 +110,9 @@ def test_full_buckets_are_forgotten_when_there_are_too_many() -> None:
     budget = Budget(60, "requests")
     for i in range(100_000):
         budget.take(f"t{i}", 1, now=0.0)
-    budget.take("busy", 60, now=119.5)
-    budget.take("late", 1, now=120.0)  # 100,000 buckets: the full ones go
+    budget.take("busy", 60, now=119.5)  # the 100,001st tenant: the full ones go first
+    assert list(budget._buckets) == ["busy"]
+    budget.take("late", 1, now=120.0)
     assert sorted(budget._buckets) == ["busy", "late"]
     with pytest.raises(RateLimited):
         budget.take("busy", 1, now=120.0)  # one not full keeps its level
@@ -124,3 +142,6 @@ def test_the_in_flight_cap_refuses_at_once_and_frees_on_leave() -> None:
     limiter.leave()
     assert limiter.in_flight == 1
     limiter.enter()
+    limiter.leave()
+    limiter.leave()
+    assert limiter.in_flight == 0

@@ -5,6 +5,8 @@ bucket when Redis does not answer)."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import subprocess
 from collections.abc import Iterator
 
 import pytest
@@ -101,6 +103,40 @@ async def test_two_limiters_on_one_redis_share_a_tenants_budget(server: RedisSer
     finally:
         for tier in tiers:
             await tier.close()
+
+
+async def test_the_wait_redis_reports_in_milliseconds_reaches_the_client_in_seconds(
+        server: RedisServer) -> None:
+    tier = RedisTier(server.url, timeout_s=1.0, circuit_s=1.0, prefix="l5:")
+    try:
+        shared = SharedBudget(Budget(60_000, "tokens"), tier)  # one a millisecond
+        # The tenant's bucket, named by the digest of its name: empty, and stamped in the
+        # future so that Redis's clock refills nothing before the check.
+        digest = hashlib.sha256(b"alice").hexdigest()[:32]
+        subprocess.run(["redis-cli", "-p", str(server.port), "HSET", f"l5:rl:tokens:{digest}",
+                        "l", "0", "s", str(10**15)], check=True, capture_output=True)
+        with pytest.raises(RateLimited) as caught:
+            await shared.take("alice", 60_000)
+        assert caught.value.message.endswith("Try again in 60.0s.")
+        assert caught.value.headers["Retry-After"] == "60"
+    finally:
+        await tier.close()
+
+
+async def test_a_limiter_shares_its_token_budget_too(server: RedisServer) -> None:
+    tier = RedisTier(server.url, timeout_s=1.0, circuit_s=1.0, prefix="l6:")
+    try:
+        limiter = Limiter(LimitsSettings(requests_per_minute=0, tokens_per_minute=5))
+        limiter.share(tier)
+        assert limiter.shared_requests is None
+        shared = limiter.shared_tokens
+        assert shared is not None and shared.local is limiter.tokens
+        await shared.take("alice", 5)
+        with pytest.raises(RateLimited):
+            await shared.take("alice", 1)
+        assert any(key.startswith("l6:rl:tokens:") for key in server.stored())
+    finally:
+        await tier.close()
 
 
 async def test_a_settlement_returns_budget_to_the_fleet(server: RedisServer) -> None:
