@@ -143,7 +143,11 @@ class SharedBudget:
             raise self.local.limited(int(reply[1]) / 1000.0)
 
     def give_back(self, tenant: str, amount: float) -> None:
+        """Settle where the reservation may have been taken: in Redis, and in this process's
+        bucket, which took it while Redis was away (a bucket this process never used is not
+        made; one it did use is at most refilled to its capacity)."""
         if amount:
+            self.local.give_back(tenant, amount)
             self._tier.spawn(self._tier.run_script(
                 self._settle, [self._key(tenant)], [self.local.capacity, amount]))
 

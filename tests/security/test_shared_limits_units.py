@@ -187,3 +187,17 @@ async def test_without_redis_the_process_bucket_decides() -> None:
         assert local._buckets["alice"].level < 1
     finally:
         await tier.close()
+
+
+async def test_without_redis_a_settlement_returns_to_the_process_bucket() -> None:
+    tier = RedisTier(f"redis://127.0.0.1:{closed_port()}", timeout_s=0.2, circuit_s=5.0,
+                     prefix="l5:")
+    try:
+        shared = SharedBudget(Budget(100, "tokens"), tier)
+        await shared.take("alice", 100)  # reserved in this process's bucket: Redis is away
+        shared.give_back("alice", 60)  # the answer used 40
+        await shared.take("alice", 50)
+        with pytest.raises(RateLimited):
+            await shared.take("alice", 50)
+    finally:
+        await tier.close()
