@@ -7,12 +7,9 @@ import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
 
 from sidecar.cache.records import Record
 
-if TYPE_CHECKING:
-    pass
 
 class MemoryCache:
     def __init__(self, items: int, ttl_s: float) -> None:
