@@ -19,8 +19,8 @@ class Timing:
         self.upstream = 0.0  # waiting for an upstream's bytes, or a local model's tokens
         self.model_wait = 0.0  # waiting for a local model to load
 
-    def elapsed_ms(self, now: float | None = None) -> float:
-        return ((perf_counter() if now is None else now) - self.start) * 1000.0
+    def elapsed_ms(self) -> float:
+        return (perf_counter() - self.start) * 1000.0
 
     def overhead_ms(self, now: float | None = None) -> float:
         """Time spent in the sidecar until `now` (by default, so far), upstream time and model
