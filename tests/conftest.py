@@ -9,6 +9,7 @@ import openai
 import pytest
 
 from tests.support.anthropic_mock import AnthropicMock
+from tests.support.redis_server import RedisServer
 from tests.support.scripted_upstream import ScriptedUpstream
 from tests.support.sidecar import Sidecar, base_config, start_sidecar
 from tests.support.upstream_mock import MockUpstream
@@ -37,6 +38,15 @@ def scripted() -> Iterator[ScriptedUpstream]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A redis-server of the test module's own, for the tests of what is kept in Redis."""
+    instance = RedisServer(tmp_path_factory.mktemp("redis"))
+    instance.start()
+    yield instance
+    instance.stop()
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ ended well), the Cache-Control a client sends, and identical requests in flight 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import orjson
@@ -367,14 +367,6 @@ async def _message_events() -> list[bytes]:
 
 
 # -- a fleet on one Redis -------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    instance = RedisServer(tmp_path_factory.mktemp("redis"))
-    instance.start()
-    yield instance
-    instance.stop()
-
 
 def fleet_member(tier: RedisTier) -> AnswerCache:
     return AnswerCache(ResponseCache(MemoryCache(16, 60), 60, tier, secret=SECRET),

@@ -27,14 +27,6 @@ SECRET = b"fleet-secret-0123456789abcdef0123"
 ANSWER = b'{"object": "chat.completion", "choices": []}'
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    instance = RedisServer(tmp_path_factory.mktemp("redis"))
-    instance.start()
-    yield instance
-    instance.stop()
-
-
 async def test_values_are_kept_under_the_prefix_for_their_ttl(server: RedisServer) -> None:
     tier = RedisTier(server.url, timeout_s=1.0, circuit_s=1.0, prefix="t1:")
     try:

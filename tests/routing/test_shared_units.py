@@ -35,14 +35,6 @@ def table() -> RouteTable:
     return RouteTable({"m": Route("m", [A, B])}, ["p", "q"])
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    instance = RedisServer(tmp_path_factory.mktemp("redis"))
-    instance.start()
-    yield instance
-    instance.stop()
-
-
 class Member:
     def __init__(self, url: str, directory: Path, secret: bytes = SECRET) -> None:
         self.table = table()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import subprocess
-from collections.abc import Iterator
 
 import pytest
 
@@ -69,14 +68,6 @@ def test_the_in_flight_cap_says_its_limit() -> None:
     limiter.leave()
     assert limiter.in_flight == 1
     limiter.enter()
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    instance = RedisServer(tmp_path_factory.mktemp("redis"))
-    instance.start()
-    yield instance
-    instance.stop()
 
 
 async def test_two_limiters_on_one_redis_share_a_tenants_budget(server: RedisServer) -> None:
