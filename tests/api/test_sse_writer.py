@@ -22,29 +22,34 @@ from sidecar.security.jwt import ANONYMOUS
 from tests.support.in_process import serving
 
 
-async def _broken() -> AsyncGenerator[bytes, None]:
-    yield b'{"n":2}'
-    raise RuntimeError("a fault of ours")
-
-
-async def test_a_fault_mid_stream_ends_it_with_an_error_event() -> None:
+async def served(source: AsyncGenerator[bytes, None]) -> tuple[int, bytes, RequestContext]:
+    """A stream whose first event is {"n":1} and the rest `source`'s, written by write_sse
+    on loopback: the status, the body read to its end, and the request's context."""
     contexts: list[RequestContext] = []
 
     async def handler(request: web.Request) -> web.StreamResponse:
         context = request[CONTEXT] = RequestContext("req_1", ANONYMOUS)
         contexts.append(context)
-        return await write_sse(request, Answer(b"", _broken(), b'{"n":1}'), OPENAI_SSE)
+        return await write_sse(request, Answer(b"", source, b'{"n":1}'), OPENAI_SSE)
 
     app = web.Application()
     app.router.add_get("/", handler)
     async with serving(app) as url, aiohttp.ClientSession() as session, \
             session.get(url) as reply:
-        assert reply.status == 200
-        body = await reply.read()  # a chunked body that ends cleanly
+        return reply.status, await reply.read(), contexts[0]
+
+
+async def test_a_fault_mid_stream_ends_it_with_an_error_event() -> None:
+    async def broken() -> AsyncGenerator[bytes, None]:
+        yield b'{"n":2}'
+        raise RuntimeError("a fault of ours")
+
+    status, body, context = await served(broken())
+    assert status == 200  # and a chunked body that ends cleanly
     assert body.startswith(b'data: {"n":1}\n\ndata: {"n":2}\n\ndata: {"error":')
     assert b"req_1" in body and b"[DONE]" not in body
     assert b"HTTP/1.1" not in body
-    assert contexts[0].record.stream_error == "server_error"
+    assert context.record.stream_error == "server_error"
 
 
 # -- write_together: events given without a wait share one write ---------------------------
@@ -216,21 +221,10 @@ async def test_a_source_whose_cleanup_waits_is_closed_whole_when_the_client_is_g
 
 async def test_a_client_found_gone_mid_stream_is_not_logged_as_a_fault(
         caplog: pytest.LogCaptureFixture) -> None:
-    contexts: list[RequestContext] = []
-
     async def reset() -> AsyncGenerator[bytes, None]:
         yield b'{"n":2}'
         raise ConnectionResetError("Cannot write to closing transport")
 
-    async def handler(request: web.Request) -> web.StreamResponse:
-        context = request[CONTEXT] = RequestContext("req_2", ANONYMOUS)
-        contexts.append(context)
-        return await write_sse(request, Answer(b"", reset(), b'{"n":1}'), OPENAI_SSE)
-
-    app = web.Application()
-    app.router.add_get("/", handler)
-    async with serving(app) as url, aiohttp.ClientSession() as session, \
-            session.get(url) as reply:
-        await reply.read()
-    assert contexts[0].record.stream_error == "client_gone"
+    _, _, context = await served(reset())
+    assert context.record.stream_error == "client_gone"
     assert "stream failed" not in caplog.text
