@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 
 from sidecar.backends.base import HEARTBEAT, Backend, Call
+from sidecar.backends.upstream_answers import answer_object
 from sidecar.errors import InvalidRequest, UpstreamError
 from sidecar.exchange import ANTHROPIC, OPENAI, Answer, Exchange, opened
 from sidecar.protocol.anthropic import StreamState, answer_events, request_to_anthropic
@@ -75,13 +76,8 @@ async def _claude_for_openai(backend: Backend, call: Call, exchange: Exchange, m
     body = orjson.dumps(request_to_anthropic(request, limit))
     sent = dataclasses.replace(call, endpoint="messages", body=body)
     if not exchange.stream:
-        raw = await backend.complete(sent)
-        try:
-            answer = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            raise UpstreamError(f"The upstream `{backend.name}` answered with something that "
-                                "is not JSON.") from None
-        if not isinstance(answer, dict) or answer.get("type") == "error":
+        answer = answer_object(await backend.complete(sent), backend.name)
+        if answer.get("type") == "error":
             raise UpstreamError(f"The upstream `{backend.name}` answered with an error.")
         head = _openai_head(answer.get("id"), answer.get("model") or model, "chat.completion")
         return Answer(answer_json(head, True, answer_events(answer)))
@@ -149,15 +145,7 @@ async def _openai_for_claude(backend: Backend, call: Call, exchange: Exchange, m
     sent = dataclasses.replace(call, endpoint="chat/completions",
                                body=orjson.dumps(request_to_openai(request)))
     if not exchange.stream:
-        raw = await backend.complete(sent)
-        try:
-            answer = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            raise UpstreamError(f"The target `{backend.name}` answered with something that is "
-                                "not JSON.") from None
-        if not isinstance(answer, dict):
-            raise UpstreamError(f"The target `{backend.name}` answered with something that is "
-                                "not an object.")
+        answer = answer_object(await backend.complete(sent), backend.name)
         head = _anthropic_head(answer.get("id"), answer.get("model") or model)
         return Answer(message_json(head, events_from_answer(answer)), None, None, ANTHROPIC)
     return await opened(messages_events_of(backend.stream(sent), model), ANTHROPIC)

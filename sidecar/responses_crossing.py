@@ -9,13 +9,13 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import AsyncGenerator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import orjson
 
 from sidecar.backends.base import HEARTBEAT, Backend, Call
+from sidecar.backends.upstream_answers import answer_object
 from sidecar.backends.upstream_openai import OpenAIUpstream
-from sidecar.errors import UpstreamError
 from sidecar.exchange import ANTHROPIC, Answer, Exchange, first_of, opened
 from sidecar.protocol.chat import ChatRequest, StreamFailure
 from sidecar.protocol.openai_chat import events_from_answer, events_from_chunk, request_to_openai
@@ -78,14 +78,7 @@ def _as_chat(exchange: Exchange) -> Exchange:
 
 
 def _response_json(raw: bytes, backend: Backend, model: str) -> bytes:
-    try:
-        answer: Any = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise UpstreamError(f"The target `{backend.name}` answered with something that is not "
-                            "JSON.") from None
-    if not isinstance(answer, dict):
-        raise UpstreamError(f"The target `{backend.name}` answered with something that is not "
-                            "an object.")
+    answer = answer_object(raw, backend.name)
     return ResponseWriter(str(answer.get("model") or model)).response_json(
         events_from_answer(answer))
 

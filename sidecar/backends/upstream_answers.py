@@ -1,5 +1,6 @@
-"""Reading what an upstream says when it refuses: how long it asks us to wait (bounded, and
-parsed defensively) and the fields of its error object, OpenAI's or Anthropic's."""
+"""Reading what an upstream says: a whole answer to translate (a JSON object, or its 502), and,
+when it refuses, how long it asks us to wait (bounded, and parsed defensively) and the fields
+of its error object, OpenAI's or Anthropic's."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import orjson
+
+from sidecar.errors import UpstreamError
 
 # An upstream asking for a longer wait is passed on as asking for this; the router rests a
 # target at most `routing.max_rest_s` whatever it asks.
@@ -45,6 +48,19 @@ def _seconds(value: str) -> float | None:
     except ValueError:
         return None
     return number if math.isfinite(number) and number >= 0 else None
+
+
+def answer_object(raw: bytes, target: str) -> dict[str, Any]:
+    """A whole answer to translate: the JSON object it must be, or the target's 502."""
+    try:
+        answer = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise UpstreamError(f"The target `{target}` answered with something that is not "
+                            "JSON.") from None
+    if not isinstance(answer, dict):
+        raise UpstreamError(f"The target `{target}` answered with something that is not an "
+                            "object.")
+    return answer
 
 
 def error_fields(raw: bytes) -> dict[str, Any]:
