@@ -31,7 +31,7 @@ from sidecar.errors import (
 from sidecar.observability.logging import AccessLog, process_tag
 from sidecar.observability.metrics import Metrics
 from sidecar.observability.timing import RequestContext
-from sidecar.security.jwt import ANONYMOUS, Forbidden, Unauthorized, Verifier
+from sidecar.security.jwt import ANONYMOUS, Forbidden, Unauthorized, Verifier, bearer
 from sidecar.security.limits import Limiter
 from sidecar.settings import AuthSettings, Settings
 
@@ -272,15 +272,7 @@ def _bearer(request: web.Request) -> str:
             return key
         raise Unauthorized("This request needs the sidecar's token as `x-api-key` or in an "
                            "`Authorization: Bearer <token>` header.", code="missing_token")
-    if header is None:
-        raise Unauthorized("This request needs an `Authorization: Bearer <token>` header.",
-                           code="missing_token")
-    scheme, _, token = header.partition(" ")
-    token = token.strip()
-    if scheme.lower() != "bearer" or not token:
-        raise Unauthorized("The Authorization header must be `Bearer <token>`.",
-                           code="missing_token")
-    return token
+    return bearer(header, "This request needs an `Authorization: Bearer <token>` header.")
 
 
 def _log(access_log: AccessLog, request: web.Request, context: RequestContext, status: int,

@@ -15,7 +15,7 @@ from aiohttp import WSCloseCode, hdrs, web
 from sidecar.appkeys import ACCESS_LOG, LIMITER, METRICS, SETTINGS, TICKETS, VERIFIER
 from sidecar.errors import BrowserRefused, SidecarError
 from sidecar.observability.timing import RequestContext
-from sidecar.security.jwt import ANONYMOUS, Forbidden, Principal, Unauthorized
+from sidecar.security.jwt import ANONYMOUS, Forbidden, Principal, bearer
 
 # The WebSocket endpoints (GET): the edge's guard leaves them to the socket, whose upgrade is
 # refused here with the same errors, and whose tenant limits count per response.
@@ -64,17 +64,10 @@ def offered_ticket(request: web.Request) -> str | None:
 
 
 def bearer_token(request: web.Request) -> str:
-    header = request.headers.get(hdrs.AUTHORIZATION)
-    if header is None:
-        raise Unauthorized("This WebSocket needs an `Authorization: Bearer <token>` header on "
-                           "its upgrade, or a ticket from POST /v1/ws-tickets offered as the "
-                           f"subprotocol `{TICKET_PREFIX}<ticket>`.", code="missing_token")
-    scheme, _, token = header.partition(" ")
-    token = token.strip()
-    if scheme.lower() != "bearer" or not token:
-        raise Unauthorized("The Authorization header must be `Bearer <token>`.",
-                           code="missing_token")
-    return token
+    return bearer(request.headers.get(hdrs.AUTHORIZATION),
+                  "This WebSocket needs an `Authorization: Bearer <token>` header on its "
+                  "upgrade, or a ticket from POST /v1/ws-tickets offered as the subprotocol "
+                  f"`{TICKET_PREFIX}<ticket>`.")
 
 
 def socket_response(request: web.Request) -> web.WebSocketResponse:

@@ -34,6 +34,19 @@ class Unauthorized(SidecarError):
                                 f'error_description="{description}"'})
 
 
+def bearer(header: str | None, missing: str) -> str:
+    """The token of an `Authorization: Bearer <token>` header; `missing`: the refusal's words
+    when there is no header."""
+    if header is None:
+        raise Unauthorized(missing, code="missing_token")
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise Unauthorized("The Authorization header must be `Bearer <token>`.",
+                           code="missing_token")
+    return token
+
+
 class Forbidden(SidecarError):
     status = 403
     type = "permission_error"

@@ -10,7 +10,7 @@ import jwt
 import orjson
 import pytest
 
-from sidecar.security.jwt import ANONYMOUS, KeySet, Principal, Unauthorized, Verifier
+from sidecar.security.jwt import ANONYMOUS, KeySet, Principal, Unauthorized, Verifier, bearer
 from sidecar.settings import AuthSettings
 from tests.support.auth_helpers import forged_header_token
 
@@ -188,3 +188,17 @@ def test_an_unauthorized_answer_says_why_in_its_header() -> None:
         'Bearer realm="llm-sidecar", error="invalid_request", '
         "error_description=\"No 'token'\"")
     assert 'error="invalid_token"' in Unauthorized("bad").headers["WWW-Authenticate"]
+
+
+@pytest.mark.parametrize("header", [None, "", "Basic abc", "Bearer", "Bearer   ", "Token abc"])
+def test_a_header_without_a_bearer_token_is_a_missing_token(header: str | None) -> None:
+    with pytest.raises(Unauthorized) as caught:
+        bearer(header, "No header here.")
+    assert caught.value.code == "missing_token"
+    assert caught.value.message == ("No header here." if header is None else
+                                    "The Authorization header must be `Bearer <token>`.")
+
+
+def test_the_bearer_token_is_read_whatever_the_schemes_case() -> None:
+    assert bearer("Bearer abc.def", "") == "abc.def"
+    assert bearer("bearer  abc ", "") == "abc"
