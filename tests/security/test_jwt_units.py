@@ -87,7 +87,8 @@ async def test_a_token_with_bad_claims_is_refused(claims: dict[str, Any], words:
 
 @pytest.mark.parametrize("claim", ["exp", "iat", "iss", "aud", "sub"])
 async def test_a_token_missing_a_required_claim_is_refused(claim: str) -> None:
-    raw = token(**{claim: None})
+    missing: dict[str, Any] = {claim: None}
+    raw = token(**missing)
     await refused(verifier(), raw, f"lacks the required `{claim}` claim")
 
 
